@@ -1,0 +1,167 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+Command-line front ends.
+
+ - C{isulad-shim ID BUNDLE RUNTIME LOGLEVEL [EXEC_TIMEOUT]}: iSulad's argv,
+   run with the workdir as cwd; the status goes to stdout as a 4-byte
+   native int.
+ - C{shimd run [--bundle DIR] [-- CMD ARGS...]}: the user-facing command;
+   plays the engine's part (see L{shimd.engine}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Any, NoReturn
+
+USAGE = "usage: isulad-shim ID BUNDLE RUNTIME LOGLEVEL [EXEC_TIMEOUT]\n"
+
+
+def runShim(reactor: Any, config: Any) -> int:
+    """Run one L{shimd.service.ShimService} on C{reactor} until it is done."""
+    from shimd.service import EXIT_ERROR, ShimService
+
+    shim = ShimService(config, reactor)
+    result: list[int] = []
+
+    def done(code: int) -> None:
+        result.append(code)
+        reactor.stop()
+
+    shim.done.addCallback(done)
+    reactor.callWhenRunning(shim.startService)
+    reactor.run()
+    return result[0] if result else EXIT_ERROR
+
+
+def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
+    """The C{isulad-shim} drop-in: argv as iSulad passes it, cwd = workdir."""
+    args = sys.argv[1:] if argv is None else argv
+    # The engine may leave SIGPIPE at its default; a gone reader must be an
+    # EPIPE error for us, never a signal.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if len(args) < 4:
+        sys.stderr.write(USAGE)
+        sys.exit(1)
+    containerId, bundle, runtime, level = args[:4]
+    timeout = 0
+    if len(args) > 4:
+        try:
+            timeout = int(args[4])
+            if timeout < 0:
+                raise ValueError
+        except ValueError:
+            sys.stderr.write(f"isulad-shim: bad exec timeout {args[4]!r}\n")
+            sys.exit(1)
+
+    from shimd.shimlog import LEVELS, startShimLogging
+
+    workdir = os.getcwd()
+    try:
+        startShimLogging(workdir, level.lower() if level.lower() in LEVELS else "info")
+    except OSError:
+        sys.stderr.write("failed to init shim log")
+        sys.exit(1)
+
+    from twisted.internet import reactor
+
+    from shimd.service import ShimConfig
+
+    config = ShimConfig(
+        workdir=workdir,
+        containerId=containerId,
+        bundle=bundle,
+        runtimeCommand=runtime,
+        execTimeout=timeout,
+        statusFd=1,
+    )
+    sys.exit(runShim(reactor, config))
+
+
+def _run(opts: argparse.Namespace) -> int:
+    from shimd.bundle import ensureDemoBundle
+    from shimd.engine import Engine, EngineError
+
+    bundle = opts.bundle or ensureDemoBundle()
+    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    engine = Engine(stateRoot=opts.state_root, runtime=opts.runtime)
+    c = engine.prepare(
+        bundle,
+        args=command or None,
+        containerId=opts.id,
+        stdin=opts.interactive,
+        logMaxsize=opts.log_max_size,
+        logMaxfile=opts.log_max_file,
+    )
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+
+    def onOutput(name: str, data: bytes) -> None:
+        stream = out if name == "stdout" else err
+        stream.write(data)
+        stream.flush()
+
+    try:
+        engine.create(c, detach=True)
+        engine.start(c)
+        if opts.interactive:
+            threading.Thread(target=_copyStdin, args=(c,), daemon=True).start()
+        _, _, status = engine.collect(c, timeout=float("inf"), onOutput=onOutput)
+    except EngineError as e:
+        sys.stderr.write(f"shimd: {e}\n")
+        engine.close(c, remove=True)
+        return 125
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\nshimd: the container keeps running; its workdir is {c.workdir}\n")
+        return 130
+    engine.close(c, remove=not opts.keep)
+    return status
+
+
+def _copyStdin(c: Any) -> None:
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            c.closeStdin()
+            return
+        try:
+            c.writeStdin(data)
+        except (OSError, KeyError):
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """C{shimd}: the user-facing command."""
+    from shimd.engine import DEFAULT_STATE_ROOT
+
+    parser = argparse.ArgumentParser(prog="shimd", description="A container shim on Twisted.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    run = sub.add_parser("run", help="run a container through the shim and wait for it")
+    run.add_argument("--bundle", help="OCI bundle (default: the demo busybox bundle)")
+    run.add_argument("--id", help="container id (default: random)")
+    run.add_argument("--state-root", default=DEFAULT_STATE_ROOT, help="where workdirs go")
+    run.add_argument("--runtime", default="runc", help="OCI runtime command")
+    run.add_argument("-i", "--interactive", action="store_true", help="copy stdin to the container")
+    run.add_argument("--log-max-size", type=int, default=0, help="json-file log: bytes per file")
+    run.add_argument("--log-max-file", type=int, default=0, help="json-file log: files kept")
+    run.add_argument("--keep", action="store_true", help="keep the workdir after the exit")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... (overrides the bundle)")
+    opts = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("shimd: runc needs root; run as root\n")
+        return 125
+    if opts.verb == "run":
+        return _run(opts)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+# -*- test-case-name: tests.test_e2e_create -*-
+"""
+A small, synchronous container engine that drives the shim exactly as
+iSulad does (spec sections 1.2, 2 and 4.5).
+
+It is the engine half of C{shimd run}, of the end-to-end tests and of the
+benchmarks: it makes the workdir, FIFOs and process.json, opens its ends of
+the FIFOs first, spawns C{isulad-shim} with the workdir as its cwd, polls
+C{./pid}, runs C{runc start}, and reads the status from C{exit_fifo}.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DEFAULT_STATE_ROOT = "/run/shimd"
+
+
+class EngineError(Exception):
+    """The engine could not do what was asked; C{str()} says why."""
+
+
+def shimCommand() -> list[str]:
+    """How to run C{isulad-shim}: beside our interpreter, else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "isulad-shim")
+    if os.access(beside, os.X_OK):
+        return [beside]
+    found = shutil.which("isulad-shim")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from shimd.cli import isuladShimMain; isuladShimMain()"]
+
+
+def _mkfifo(path: str) -> str:
+    os.mkfifo(path, 0o600)
+    os.chmod(path, 0o600)
+    return path
+
+
+@dataclass
+class Container:
+    """One container (or exec) as the engine sees it."""
+
+    id: str
+    workdir: str
+    bundle: str
+    runtime: str
+    process: dict[str, Any]
+    fds: dict[str, int] = field(default_factory=dict)
+    shim: subprocess.Popen[bytes] | None = None
+    shimStatus: bytes = b""
+    shimStderr: bytes = b""
+
+    @property
+    def root(self) -> str:
+        """runc's --root, as the shim derives it."""
+        return os.path.join(self.workdir, os.path.basename(self.runtime))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def closeStdin(self) -> None:
+        """Close the engine's end of the stdin FIFO: end of input."""
+        fd = self.fds.pop("stdin", None)
+        if fd is not None:
+            os.close(fd)
+
+    def writeStdin(self, data: bytes) -> None:
+        fd = self.fds["stdin"]
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                select.select([], [fd], [], 1.0)
+                continue
+            view = view[n:]
+
+
+class Engine:
+    """
+    Creates, starts and watches containers through the shim.
+
+    @param stateRoot: containers live in C{<stateRoot>/<runtime>/<id>}.
+    """
+
+    def __init__(
+        self,
+        stateRoot: str = DEFAULT_STATE_ROOT,
+        runtime: str = "runc",
+        shim: list[str] | None = None,
+    ) -> None:
+        self.stateRoot = stateRoot
+        self.runtime = runtime
+        self.shim = shim if shim is not None else shimCommand()
+
+    def prepare(
+        self,
+        bundle: str,
+        args: list[str] | None = None,
+        containerId: str | None = None,
+        stdin: bool = False,
+        stdout: bool = True,
+        stderr: bool = True,
+        openStdin: bool | None = None,
+        log: bool = True,
+        logMaxsize: int = 0,
+        logMaxfile: int = 0,
+        attach: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> Container:
+        """
+        Make the workdir, FIFOs and process.json, and open the engine's ends.
+
+        @param args: replaces the bundle's process args (a private copy of the
+            bundle's config.json is written in the workdir).
+        """
+        cid = containerId or "s" + secrets.token_hex(6)
+        workdir = os.path.join(self.stateRoot, os.path.basename(self.runtime), cid)
+        os.makedirs(workdir, mode=0o700)
+        with open(os.path.join(bundle, "config.json")) as f:
+            config = json.load(f)
+        if args is not None:
+            config["process"]["args"] = list(args)
+            rootPath = config["root"]["path"]
+            if not os.path.isabs(rootPath):
+                config["root"]["path"] = os.path.join(os.path.abspath(bundle), rootPath)
+            bundle = os.path.join(workdir, "bundle")
+            os.mkdir(bundle)
+            with open(os.path.join(bundle, "config.json"), "w") as f:
+                json.dump(config, f)
+        oci = config["process"]
+        process: dict[str, Any] = {
+            key: oci[key]
+            for key in ("args", "cwd", "env", "terminal", "consoleSize", "user", "capabilities",
+                        "apparmorProfile", "selinuxLabel", "oomScoreAdj", "noNewPrivileges", "rlimits")
+            if key in oci
+        }
+        c = Container(cid, workdir, os.path.abspath(bundle), self.runtime, process)
+        process["exit_fifo"] = _mkfifo(c.path("exit_fifo"))
+        c.fds["exit"] = os.open(c.path("exit_fifo"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+            if not wanted:
+                continue
+            path = _mkfifo(c.path(f"engine-{name}"))
+            key = {"stdin": "isuladStdin", "stdout": "isuladStdout", "stderr": "isuladStderr"}[name]
+            process[key] = path
+            flags = os.O_RDWR if name == "stdin" else os.O_RDONLY
+            c.fds[name] = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        process["open_stdin"] = stdin if openStdin is None else openStdin
+        if log:
+            process["logPath"] = c.path("console.log")
+            if logMaxsize:
+                process["logMaxsize"] = logMaxsize
+            if logMaxfile:
+                process["logMaxfile"] = logMaxfile
+        if attach:
+            process["attach_socket"] = c.path("attach.sock")
+        process.update(extra or {})
+        with open(c.path("process.json"), "w") as f:
+            json.dump(process, f)
+        os.chmod(c.path("process.json"), 0o640)
+        return c
+
+    def spawnShim(self, c: Container, execTimeout: int | None = None, detach: bool = False) -> None:
+        """Run isulad-shim with the workdir as its cwd, in a session of its own."""
+        argv = self.shim + [c.id, c.bundle, self.runtime, "info"]
+        if execTimeout is not None:
+            argv.append(str(execTimeout))
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        c.shim = subprocess.Popen(
+            argv,
+            cwd=c.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if detach else subprocess.PIPE,
+            stderr=subprocess.DEVNULL if detach else subprocess.PIPE,
+            start_new_session=True,
+            env=env,
+        )
+        with open(c.path("shim-pid"), "w") as f:
+            f.write(str(c.shim.pid))
+
+    def waitPid(self, c: Container, timeout: float = 120.0) -> int:
+        """Poll C{./pid} while the shim is alive, as iSulad does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(c.path("pid")) as f:
+                    text = f.read().strip()
+                if text:
+                    return int(text)
+            except (OSError, ValueError):
+                pass
+            if c.shim is not None and c.shim.poll() is not None:
+                self.reapShim(c)
+                why = c.shimStderr.decode("utf-8", "replace").strip() or self.shimErrors(c)
+                raise EngineError(
+                    f"the shim exited with {c.shim.returncode} before the process started: {why}"
+                )
+            time.sleep(0.005)
+        raise EngineError("timed out waiting for the container's pid")
+
+    def shimErrors(self, c: Container) -> str:
+        """The error lines of the shim log, as iSulad shows them on failure."""
+        messages = []
+        try:
+            with open(c.path("shim-log.json"), "rb") as f:
+                for line in f:
+                    record = json.loads(line)
+                    if record.get("level") in ("error", "critical"):
+                        messages.append(record.get("msg", ""))
+        except (OSError, ValueError):
+            pass
+        return "; ".join(messages)
+
+    def runtimeCall(self, c: Container, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [self.runtime, "--root", c.root, *args], capture_output=True, cwd=c.workdir
+        )
+
+    def start(self, c: Container) -> None:
+        result = self.runtimeCall(c, "start", c.id)
+        if result.returncode != 0:
+            raise EngineError("runc start failed: " + result.stderr.decode("utf-8", "replace"))
+
+    def create(self, c: Container, execTimeout: int | None = None, detach: bool = False) -> int:
+        self.spawnShim(c, execTimeout, detach)
+        return self.waitPid(c)
+
+    def collect(
+        self,
+        c: Container,
+        timeout: float = 120.0,
+        onOutput: Callable[[str, bytes], object] | None = None,
+        onStatus: Callable[[int, bytes, bytes], object] | None = None,
+    ) -> tuple[bytes, bytes, int]:
+        """
+        Read the engine's stdout and stderr FIFOs until both end and the
+        status arrives on the exit FIFO.
+
+        @param onStatus: called as soon as the status arrives, after reading
+            whatever the FIFOs hold at that moment, with (status, stdout so
+            far, stderr so far): what had been delivered when the exit was
+            reported.
+
+        @return: (stdout bytes, stderr bytes, status); the status is 137 if
+            the exit FIFO ended without one, as iSulad assumes.
+        """
+        buffers = {"stdout": bytearray(), "stderr": bytearray()}
+        names = {c.fds[n]: n for n in ("stdout", "stderr", "exit") if n in c.fds}
+        poller = select.poll()
+        for fd in names:
+            poller.register(fd, select.POLLIN)
+        status: int | None = None
+        statusBytes = b""
+        deadline = time.monotonic() + timeout
+        while names:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EngineError("timed out waiting for the container to finish")
+            for fd, _ in poller.poll(min(left, 1.0) * 1000):
+                name = names.get(fd)
+                if name is None:
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if name == "exit":
+                    statusBytes += data
+                    if len(statusBytes) >= 4 or not data:
+                        status = struct.unpack("=i", statusBytes[:4])[0] if len(statusBytes) >= 4 else 137
+                        poller.unregister(fd)
+                        del names[fd]
+                        if onStatus is not None:
+                            for other, otherName in names.items():
+                                while True:
+                                    try:
+                                        more = os.read(other, 65536)
+                                    except BlockingIOError:
+                                        break
+                                    if not more:
+                                        break
+                                    buffers[otherName] += more
+                                    if onOutput is not None:
+                                        onOutput(otherName, more)
+                            onStatus(status, bytes(buffers["stdout"]), bytes(buffers["stderr"]))
+                    continue
+                if not data:
+                    poller.unregister(fd)
+                    del names[fd]
+                    continue
+                buffers[name] += data
+                if onOutput is not None:
+                    onOutput(name, data)
+        assert status is not None
+        return bytes(buffers["stdout"]), bytes(buffers["stderr"]), status
+
+    def reapShim(self, c: Container, timeout: float = 60.0) -> int:
+        """Wait for the shim to exit; keep its stdout (the status) and stderr."""
+        assert c.shim is not None
+        try:
+            out, err = c.shim.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            c.shim.kill()
+            out, err = c.shim.communicate()
+        c.shimStatus = out or b""
+        c.shimStderr = err or b""
+        return c.shim.returncode
+
+    def close(self, c: Container, remove: bool = True) -> None:
+        """Close the engine's FIFO ends and remove the workdir, as iSulad's cleanup does."""
+        for fd in c.fds.values():
+            try:
+                os.close(fd)
+            except OSError as e:
+                if e.errno != errno.EBADF:
+                    raise
+        c.fds.clear()
+        if c.shim is not None and c.shim.poll() is None:
+            try:
+                os.killpg(c.shim.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            c.shim.wait()
+        if remove:
+            self.runtimeCall(c, "delete", "--force", c.id)
+            shutil.rmtree(c.workdir, ignore_errors=True)
+
+    def run(
+        self,
+        bundle: str,
+        args: list[str] | None = None,
+        onOutput: Callable[[str, bytes], object] | None = None,
+        **prepare: Any,
+    ) -> tuple[bytes, bytes, int]:
+        """Prepare, create, start, collect, close: one container from start to end."""
+        c = self.prepare(bundle, args, **prepare)
+        try:
+            self.create(c)
+            self.start(c)
+            return self.collect(c, onOutput=onOutput)
+        finally:
+            if c.shim is not None and c.shim.poll() is None:
+                self.reapShim(c)
+            self.close(c)

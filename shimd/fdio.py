@@ -1,0 +1,211 @@
+# -*- test-case-name: tests.test_fdio -*-
+"""
+Readers and writers for pipes, FIFOs and pty masters, as reactor descriptors.
+
+Everything here is non-blocking and bytes-only.  The rules that matter:
+
+ - A reader reads what is pending before it acts on a hang-up (the epoll
+   reactor reports C{IN|HUP} together and calls L{doRead} first), so the
+   last chunk is never dropped (iSulad bug B7).
+ - A writer treats C{EAGAIN} as "not now" and only C{EPIPE} (or the kernel
+   saying the reader is gone) as "gone" (iSulad bug B5).
+ - A pty master answers C{EIO} once its last slave closes: that is end of
+   file, not an error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Callable
+
+from twisted.internet import abstract, main
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
+from twisted.python.failure import Failure
+
+READ_CHUNK = 64 * 1024
+"""Bytes read per C{read()}: large chunks keep the per-byte cost low."""
+
+
+def setNonBlocking(fd: int) -> None:
+    """Set C{O_NONBLOCK} on C{fd}."""
+    os.set_blocking(fd, False)
+
+
+def openFifo(path: str, flags: int) -> int:
+    """
+    Open an existing FIFO without ever blocking the reactor.
+
+    @param flags: C{os.O_RDONLY}, C{os.O_WRONLY} or C{os.O_RDWR}.
+    @raise OSError: C{ENXIO} for a write-only open with no reader yet;
+        C{EINVAL} if C{path} is not a FIFO.
+    """
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a FIFO", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class ReadPipe(abstract.FileDescriptor):
+    """
+    Reads a pipe, FIFO or pty master and hands every chunk to a callback.
+
+    @ivar eof: called once, with the reason, when the descriptor is done
+        (end of file, error or L{close}).
+    """
+
+    connected = True
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        fd: int,
+        dataReceived: Callable[[bytes], object],
+        eof: Callable[[Failure], object] = lambda reason: None,
+        eioIsEOF: bool = False,
+        chunkSize: int = READ_CHUNK,
+    ) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self._dataReceived = dataReceived
+        self._eof = eof
+        self._eioIsEOF = eioIsEOF
+        self._chunkSize = chunkSize
+        setNonBlocking(fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> object:
+        try:
+            data = os.read(self.fd, self._chunkSize)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            if e.errno == errno.EIO and self._eioIsEOF:
+                return main.CONNECTION_DONE
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self._dataReceived(data)
+        return None
+
+    def writeSomeData(self, data: bytes) -> object:
+        return main.CONNECTION_LOST
+
+    def close(self) -> None:
+        """Stop reading and close the descriptor now."""
+        if self.fd >= 0 and not self.disconnected:
+            self.connectionLost(Failure(main.CONNECTION_DONE))
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self._eof(reason)
+
+
+class WritePipe(abstract.FileDescriptor):
+    """
+    A buffered, non-blocking writer for a pipe or FIFO write end (or a pty
+    master).
+
+    Writes go straight to the kernel when nothing is queued; the rest is
+    queued and flushed when the descriptor is writable.  A registered
+    streaming producer is paused when more than L{bufferSize} bytes are
+    queued.
+
+    @ivar lastProgress: the time of the last write that moved bytes, or at
+        which the queue last became non-empty; used for the stall policy.
+    @ivar lost: called once with the reason when the descriptor is gone.
+    """
+
+    connected = True
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        fd: int,
+        clock: IReactorTime,
+        lost: Callable[[Failure], object] = lambda reason: None,
+        watchReader: bool = True,
+    ) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self._clock = clock
+        self.lost = lost
+        self.lastProgress = clock.seconds()
+        setNonBlocking(fd)
+        if watchReader:
+            # The "read hack" of twisted.internet.process.ProcessWriter: the
+            # kernel reports EPOLLERR on a write end whose readers are all
+            # gone, which we only hear about if we ask for read events.
+            self.startReading()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def pending(self) -> int:
+        """Bytes queued in user space, not yet handed to the kernel."""
+        return len(self.dataBuffer) - self.offset + self._tempDataLen
+
+    def write(self, data: bytes) -> None:
+        if not self.connected or self.disconnecting or not data:
+            return
+        if self.pending() == 0:
+            self.lastProgress = self._clock.seconds()
+            written = self.writeSomeData(data)
+            if isinstance(written, BaseException):
+                self._lose(written)
+                return
+            if written == len(data):
+                return
+            data = data[written:]
+        super().write(data)
+
+    def writeSomeData(self, data: bytes) -> object:
+        try:
+            written = os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            return main.CONNECTION_LOST
+        if written:
+            self.lastProgress = self._clock.seconds()
+        return written
+
+    def doRead(self) -> object:
+        # Only the read hack lands here: the reader went away.
+        return main.CONNECTION_LOST
+
+    def _lose(self, why: BaseException) -> None:
+        # Never tear down inside the caller's write(): it may be iterating
+        # over its sinks.  Stop accepting data now, close on the next turn.
+        self.connected = False
+        self._clock.callLater(0, self._loseNow, why)
+
+    def _loseNow(self, why: BaseException) -> None:
+        if self.fd >= 0:
+            self.connectionLost(Failure(why))
+
+    def abort(self) -> None:
+        """Drop everything queued and close now."""
+        if self.fd >= 0:
+            self.connectionLost(Failure(main.CONNECTION_LOST))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.dataBuffer = b""
+        self._tempDataBuffer = []
+        self._tempDataLen = 0
+        self.offset = 0
+        super().connectionLost(reason)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.lost(reason)

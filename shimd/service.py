@@ -1,0 +1,391 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+L{ShimService}: one container (or one exec) from start to exit report.
+
+The lifecycle, in order::
+
+    load process.json -> open the log, the engine FIFOs and the exit FIFO
+    -> runc create (or exec) -> read ./pid -> watch the pid (pidfd)
+    -> [runc start] -> exit status -> drain output (bounded) -> flush log and
+    FIFOs -> runc kill --all, delete --force (create only)
+    -> report: exit FIFO, ./exit, status fd -> done
+
+Each step that waits is a Deferred.  The service is embeddable: give it a
+reactor and add it to any service parent; L{ShimService.done} fires with the
+shim's exit code (0 ok, 1 error, 2 exec timeout).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.logger import Logger
+
+from shimd.config import ConfigError, ProcessState, loadProcessState
+from shimd.fdio import ReadPipe, WritePipe, openFifo
+from shimd.logfile import JsonFileLog
+from shimd.reaper import ExitWatcher, reapStrays, setChildSubreaper
+from shimd.runtime import Runc, RuntimeFailure
+from shimd.streams import OutputStream, StdinPipe
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_TIMEOUT = 2
+
+
+class ShimError(Exception):
+    """A failure that ends the shim with exit code 1; C{str()} says why."""
+
+
+@dataclass
+class ShimConfig:
+    """
+    Everything one shim needs besides process.json.
+
+    @ivar workdir: the shim's working directory (process.json, pid, log.json,
+        exit_fifo, attach socket live here).
+    @ivar runtimeCommand: argv[3] of isulad-shim: the runtime executable.
+    @ivar execTimeout: seconds before an exec is SIGKILLed (0: none).
+    @ivar start: run C{runc start} ourselves (iSulad's engine does it).
+    @ivar drainTimeout: after the process exits, stop waiting for end of
+        file on its output after this many idle seconds.
+    @ivar stallTimeout: drop an output reader that made no progress for
+        this many seconds with data queued for it.
+    @ivar startTimeout: the start-up guard: runc create/exec must have
+        produced a pid within this many seconds.
+    @ivar statusFd: where to write the 4-byte status besides the exit FIFO
+        (isulad-shim: 1, its stdout), or L{None}.
+    """
+
+    workdir: str
+    containerId: str
+    bundle: str
+    runtimeCommand: str = "runc"
+    execTimeout: int = 0
+    start: bool = False
+    drainTimeout: float = 2.0
+    stallTimeout: float = 10.0
+    startTimeout: float = 120.0
+    statusFd: int | None = None
+
+
+def runtimeName(command: str, state: ProcessState) -> str:
+    """The runtime *name*: process.json's C{runtime}, else the command's basename (B14)."""
+    return state.runtime or os.path.basename(command)
+
+
+def runtimeRoot(config: ShimConfig, state: ProcessState) -> str | None:
+    """
+    runc's C{--root}: C{<container workdir>/<runtime name>}; for an exec the
+    container workdir is two levels above the exec workdir; none for kata.
+    """
+    name = runtimeName(config.runtimeCommand, state)
+    if name.lower() == "kata-runtime":
+        return None
+    base = os.path.abspath(config.workdir)
+    if state.exec:
+        base = os.path.dirname(os.path.dirname(base))
+    return os.path.join(base, name)
+
+
+class ShimService(service.MultiService):
+    """
+    Runs one container or exec through the OCI runtime and owns its IO.
+
+    @ivar done: fires with the shim's exit code once everything is reported.
+    @ivar status: the process's status once known (exit code or 128+signal).
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: ShimConfig, reactor: Any, state: ProcessState | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.state = state
+        self.done: Deferred[int] = Deferred()
+        self.status: int | None = None
+        self.pid: int | None = None
+        self.containerLog: JsonFileLog | None = None
+        self.streams: list[OutputStream] = []
+        self.stdin: StdinPipe | None = None
+        self.runc: Runc | None = None
+        self._engineStdin: ReadPipe | None = None
+        self._exitFifo: int | None = None
+        self._containerSide: list[int] = []
+        self._watcher: ExitWatcher | None = None
+        self._timedOut = False
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.config.workdir, name)
+
+    # -- service -----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        # Not inherited across twistd's daemonizing fork: set it here.
+        setChildSubreaper()
+        ensureDeferred(self._run()).addBoth(self._finish)
+
+    def _finish(self, result: object) -> None:
+        if isinstance(result, int):
+            code = result
+        else:
+            self._log.failure("shim failed", result)  # type: ignore[arg-type]
+            code = EXIT_ERROR
+        self._closeEverything()
+        if not self.done.called:
+            self.done.callback(code)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def _run(self) -> int:
+        try:
+            if self.state is None:
+                self.state = loadProcessState(self.path("process.json"))
+            state = self.state
+            self._openIO(state)
+            self.runc = Runc(
+                self.reactor,
+                self.config.runtimeCommand,
+                os.path.abspath(self.config.workdir),
+                runtimeRoot(self.config, state),
+                state.runtime_args,
+            )
+            guard = ensureDeferred(self._createProcess(state)).addTimeout(
+                self.config.startTimeout, self.reactor
+            )
+            try:
+                self.pid = await guard
+            except defer.TimeoutError:
+                raise ShimError(f"runtime timeout: no process after {self.config.startTimeout:g}s")
+        except (ConfigError, ShimError, RuntimeFailure) as e:
+            self._log.error("{msg}", msg=str(e))
+            return EXIT_ERROR
+        except OSError as e:
+            self._log.error("{msg}", msg=f"{e.strerror}: {e.filename}" if e.filename else str(e))
+            return EXIT_ERROR
+
+        self._log.info("{what} {id} has pid {pid}", what="exec in" if state.exec else "container",
+                       id=self.config.containerId, pid=self.pid)
+        if self.config.start and not state.exec:
+            try:
+                await self.runc.start(self.config.containerId)
+            except RuntimeFailure as e:
+                self._log.error("{msg}", msg=str(e))
+                assert self._watcher is not None
+                self._watcher.kill(signal.SIGKILL)
+        timeoutCall = None
+        if self.config.execTimeout > 0:
+            timeoutCall = self.reactor.callLater(self.config.execTimeout, self._execTimedOut)
+        assert self._watcher is not None
+        status = await self._watcher.exited
+        if timeoutCall is not None and timeoutCall.active():
+            timeoutCall.cancel()
+        if status is None:
+            self._log.warn("pid {pid} was not our child; its status is unknown", pid=self.pid)
+            status = 137
+        self.status = status
+        self._log.info("process {pid} exited with status {status}", pid=self.pid, status=status)
+
+        await self._drainOutput()
+        if not state.exec:
+            await self._cleanupContainer()
+        reapStrays(())
+        if self._timedOut:
+            self._writeExitFile(status)
+            return EXIT_TIMEOUT
+        self._report(status)
+        return EXIT_OK
+
+    def _execTimedOut(self) -> None:
+        self._log.warn("exec timeout ({t}s): killing pid {pid}", t=self.config.execTimeout, pid=self.pid)
+        self._timedOut = True
+        if self._watcher is not None:
+            self._watcher.kill(signal.SIGKILL)
+
+    def _openIO(self, state: ProcessState) -> None:
+        """Open the log, the engine's FIFOs, the exit FIFO and the stdio pipes."""
+        clock = self.reactor
+        if state.log_path:
+            self.containerLog = JsonFileLog(
+                state.log_path, maxSize=state.log_maxsize, maxFiles=state.log_maxfile, clock=clock
+            )
+        engineOut = self._openEngineWriter(state.isulad_stdout, "stdout")
+        engineErr = self._openEngineWriter(state.isulad_stderr, "stderr")
+        engineIn = None
+        if state.isulad_stdin and os.path.exists(state.isulad_stdin):
+            engineIn = openFifo(state.isulad_stdin, os.O_RDONLY)
+        if state.exit_fifo and not state.exec:
+            path = state.exit_fifo if os.path.isabs(state.exit_fifo) else self.path(state.exit_fifo)
+            try:
+                self._exitFifo = openFifo(path, os.O_WRONLY)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    raise ShimError(f"exit FIFO {path} has no reader") from e
+                raise
+
+        if state.terminal:
+            raise ShimError("terminal containers are not supported yet")
+        inR, inW = os.pipe2(os.O_CLOEXEC)
+        outR, outW = os.pipe2(os.O_CLOEXEC)
+        errR, errW = os.pipe2(os.O_CLOEXEC)
+        for fd in (inR, inW, outR, outW, errR, errW):
+            if state.root_uid or state.root_gid:
+                os.fchown(fd, state.root_uid, state.root_gid)
+        self._containerSide = [inR, outW, errW]
+        for name, fd, sink in (("stdout", outR, engineOut), ("stderr", errR, engineErr)):
+            stream = OutputStream(
+                self.reactor, clock, name, fd, self.containerLog, self.config.stallTimeout
+            )
+            if sink is not None:
+                stream.addSink(sink, f"engine {name} FIFO")
+            self.streams.append(stream)
+        self.stdin = StdinPipe(self.reactor, clock, inW)
+        if engineIn is not None:
+            self._engineStdin = ReadPipe(self.reactor, engineIn, self.stdin.write, self._engineStdinEnded)
+            self.stdin.addSource(self._engineStdin)
+
+    def _openEngineWriter(self, path: str | None, name: str) -> WritePipe | None:
+        if not path or not os.path.exists(path):
+            return None
+        try:
+            fd = openFifo(path, os.O_WRONLY)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                raise ShimError(f"engine {name} FIFO {path} has no reader") from e
+            raise
+        return WritePipe(self.reactor, fd, self.reactor)
+
+    def _engineStdinEnded(self, reason: object) -> None:
+        # The engine closed its stdin FIFO: end of input for the container (C6).
+        self._log.debug("engine stdin closed; closing the container's stdin")
+        if self.stdin is not None:
+            self.stdin.close()
+
+    async def _createProcess(self, state: ProcessState) -> int:
+        assert self.runc is not None
+        pidFile = self.path("pid")
+        inR, outW, errW = self._containerSide
+        fds = {0: inR, 1: outW, 2: errW}
+        if state.exec:
+            argv = self.runc.execArgs(
+                self.config.containerId, self.path("process.json"), pidFile, cwd=state.cwd
+            )
+        else:
+            argv = self.runc.createArgs(
+                self.config.containerId,
+                self.config.bundle,
+                pidFile,
+                systemdCgroup=state.systemd_cgroup,
+                noPivot=state.no_pivot_root,
+            )
+        try:
+            await self.runc.run(argv, childFDs=fds)
+        finally:
+            for fd in self._containerSide:
+                os.close(fd)
+            self._containerSide = []
+        pid = self._readPid(pidFile)
+        self._watcher = ExitWatcher(self.reactor, pid)
+        if not state.open_stdin and self._engineStdin is None and self.stdin is not None:
+            # Nobody can ever write to it: the container sees end of file.
+            self.stdin.close()
+        return pid
+
+    def _readPid(self, pidFile: str) -> int:
+        try:
+            with open(pidFile) as f:
+                text = f.read().strip()
+        except OSError as e:
+            raise ShimError(f"cannot read the pid file {pidFile}: {e.strerror}") from e
+        try:
+            pid = int(text)
+        except ValueError:
+            pid = 0
+        if pid <= 0:
+            raise ShimError(f"bad pid in {pidFile}: {text!r}")
+        return pid
+
+    async def _drainOutput(self) -> None:
+        """Drain (bounded), then flush the log and every FIFO."""
+        await gatherResults([s.drain(self.config.drainTimeout) for s in self.streams])
+        if self.containerLog is not None:
+            self.containerLog.close()
+        await gatherResults([s.finish() for s in self.streams])
+
+    async def _waitForStartToFinish(self, bound: float = 1.0) -> None:
+        """
+        A process that exits at once can be reaped while the engine's
+        C{runc start} is still finishing: it removes C{exec.fifo} from the
+        state directory after the process began.  Deleting the container
+        under it makes C{runc start} fail for a container that ran.  So wait
+        (bounded: a container killed before it was ever started keeps its
+        fifo) until the fifo is gone.
+        """
+        assert self.runc is not None
+        if self.runc.root is None:
+            return
+        fifo = os.path.join(self.runc.root, self.config.containerId, "exec.fifo")
+        deadline = self.reactor.seconds() + bound
+        while os.path.exists(fifo) and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.005)
+
+    async def _cleanupContainer(self) -> None:
+        assert self.runc is not None
+        cid = self.config.containerId
+        await self._waitForStartToFinish()
+        for step in (self.runc.kill(cid, "SIGKILL", all=True), self.runc.delete(cid, force=True)):
+            try:
+                await step
+            except RuntimeFailure as e:
+                self._log.debug("{msg}", msg=str(e))
+
+    def _writeExitFile(self, status: int) -> None:
+        tmp = self.path(".exit.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(str(status))
+            os.rename(tmp, self.path("exit"))
+        except OSError as e:
+            self._log.warn("cannot write the exit file: {e}", e=e)
+
+    def _report(self, status: int) -> None:
+        """Write the status: exit FIFO, ./exit, and the status fd."""
+        packed = struct.pack("=i", status)
+        self._writeExitFile(status)
+        if self._exitFifo is not None:
+            try:
+                os.write(self._exitFifo, packed)
+            except OSError as e:
+                self._log.error("cannot write the exit FIFO: {e}", e=e)
+        if self.config.statusFd is not None:
+            try:
+                os.write(self.config.statusFd, packed)
+            except OSError as e:
+                self._log.error("cannot write the status: {e}", e=e)
+
+    def _closeEverything(self) -> None:
+        for fd in self._containerSide:
+            os.close(fd)
+        self._containerSide = []
+        for stream in self.streams:
+            stream.reader.close()
+        if self._engineStdin is not None:
+            self._engineStdin.close()
+        if self.containerLog is not None:
+            self.containerLog.close()
+        if self._watcher is not None:
+            self._watcher.close()
+        if self._exitFifo is not None:
+            os.close(self._exitFifo)
+            self._exitFifo = None

@@ -1,0 +1,315 @@
+# -*- test-case-name: tests.test_streams -*-
+"""
+Container streams: one output stream fanned out to many sinks, and many
+input sources fanned in to the container's stdin.
+
+The policy for output sinks (engine FIFOs, attach sessions):
+
+ - A slow reader gets every byte.  When a sink has more than its high-water
+   mark queued, the stream stops reading the container's pipe
+   (backpressure); the container blocks in C{write()} until the sink drains.
+ - A reader that is gone (C{EPIPE}, or the kernel reporting no reader) is
+   dropped at once; a reader that makes no progress at all for
+   C{stallTimeout} seconds while data is queued for it is dropped too.  The
+   rest carry on.  C{EAGAIN} is never "gone".
+ - The json-file log is written synchronously and never dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from shimd.fdio import ReadPipe, WritePipe
+
+
+class StreamLog(Protocol):
+    """What a stream needs of the container log."""
+
+    def write(self, stream: str, data: bytes) -> None:
+        ...
+
+
+@implementer(IPushProducer)
+class _SinkFlow:
+    """The producer a stream registers on each sink's writer."""
+
+    def __init__(self, stream: OutputStream, sink: WritePipe) -> None:
+        self._stream = stream
+        self._sink = sink
+
+    def pauseProducing(self) -> None:
+        self._stream._sinkPaused(self._sink)
+
+    def resumeProducing(self) -> None:
+        self._stream._sinkResumed(self._sink)
+
+    def stopProducing(self) -> None:
+        # The writer's own C{lost} callback reports the loss.
+        pass
+
+
+class OutputStream:
+    """
+    One output stream of the container (C{stdout} or C{stderr}, or the pty).
+
+    @ivar name: C{"stdout"} or C{"stderr"}: the stream name in the log.
+    @ivar ended: fires when the container's side reached end of file (or
+        the stream was closed).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        clock: IReactorTime,
+        name: str,
+        fd: int,
+        log: StreamLog | None = None,
+        stallTimeout: float = 10.0,
+        eioIsEOF: bool = False,
+    ) -> None:
+        self.name = name
+        self._clock = clock
+        self._containerLog = log
+        self._stallTimeout = stallTimeout
+        self._sinks: dict[WritePipe, str] = {}
+        self._paused: set[WritePipe] = set()
+        self._closing: dict[WritePipe, Deferred[None]] = {}
+        self._stallTimer: IDelayedCall | None = None
+        self._drainTimer: IDelayedCall | None = None
+        self._drainIdle = 0.0
+        self._finished = False
+        self.ended: Deferred[None] = Deferred()
+        self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF)
+        self.reader.startReading()
+
+    # -- sinks ---------------------------------------------------------
+
+    def addSink(self, writer: WritePipe, label: str) -> None:
+        """
+        Copy everything from now on to C{writer}.
+
+        @param label: names the sink in the shim log.
+        """
+        self._sinks[writer] = label
+        previous = writer.lost
+
+        def lost(reason: Failure) -> None:
+            previous(reason)
+            self._sinkLost(writer, reason)
+
+        writer.lost = lost
+        writer.registerProducer(_SinkFlow(self, writer), True)
+
+    def removeSink(self, writer: WritePipe) -> None:
+        """Stop copying to C{writer} (it is not closed)."""
+        self._sinks.pop(writer, None)
+        if writer.producer is not None:
+            writer.unregisterProducer()
+        self._sinkResumed(writer)
+
+    def sinkCount(self) -> int:
+        return len(self._sinks)
+
+    def _sinkPaused(self, writer: WritePipe) -> None:
+        self._paused.add(writer)
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+            self._drainTimer = None
+        self.reader.stopReading()
+        self._armStallTimer()
+
+    def _sinkResumed(self, writer: WritePipe) -> None:
+        self._paused.discard(writer)
+        if not self._paused and self.reader.fd >= 0:
+            self.reader.startReading()
+            self._armDrainTimer()
+
+    def _sinkLost(self, writer: WritePipe, reason: Failure) -> None:
+        label = self._sinks.pop(writer, None)
+        closing = self._closing.pop(writer, None)
+        if closing is not None:
+            closing.callback(None)
+        elif label is not None:
+            self._log.warn(
+                "{stream} reader {label} is gone ({why}); dropped it",
+                stream=self.name,
+                label=label,
+                why=reason.getErrorMessage(),
+            )
+        self._sinkResumed(writer)
+
+    # -- stall policy ----------------------------------------------------
+
+    def _armStallTimer(self) -> None:
+        if self._stallTimer is not None and self._stallTimer.active():
+            return
+        waiting = [w.lastProgress for w in self._sinks if w.pending()]
+        if not waiting:
+            return
+        delay = max(0.0, min(waiting) + self._stallTimeout - self._clock.seconds())
+        self._stallTimer = self._clock.callLater(delay, self._checkStalls)
+
+    def _checkStalls(self) -> None:
+        self._stallTimer = None
+        now = self._clock.seconds()
+        for writer, label in list(self._sinks.items()):
+            if writer.pending() and now - writer.lastProgress >= self._stallTimeout:
+                self._log.warn(
+                    "{stream} reader {label} made no progress for {timeout}s "
+                    "with {pending} bytes queued; dropped it",
+                    stream=self.name,
+                    label=label,
+                    timeout=self._stallTimeout,
+                    pending=writer.pending(),
+                )
+                self._sinks.pop(writer, None)
+                writer.abort()
+        self._armStallTimer()
+
+    # -- data ------------------------------------------------------------
+
+    def _dataReceived(self, data: bytes) -> None:
+        if self._containerLog is not None:
+            self._containerLog.write(self.name, data)
+        queued = False
+        for writer in list(self._sinks):
+            writer.write(data)
+            queued = queued or writer.pending() > 0
+        if queued:
+            self._armStallTimer()
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.reset(self._drainIdle)
+
+    def _eof(self, reason: Failure) -> None:
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+        self._drainTimer = None
+        if not self.ended.called:
+            self.ended.callback(None)
+
+    # -- ending ------------------------------------------------------------
+
+    def drain(self, idleTimeout: float) -> Deferred[None]:
+        """
+        Wait for end of file, but give up after C{idleTimeout} seconds in
+        which the pipe gave nothing while we were reading it (a background
+        process may hold the pipe open for ever).  Time spent paused by a
+        slow sink does not count: the stall policy bounds that.
+        """
+        if self.ended.called:
+            return succeed(None)
+        self._drainIdle = idleTimeout
+        self._armDrainTimer()
+        d: Deferred[None] = Deferred()
+        self.ended.addBoth(lambda r: d.callback(None))
+        return d
+
+    def _armDrainTimer(self) -> None:
+        if self._drainIdle <= 0 or self.ended.called or self._paused:
+            return
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.reset(self._drainIdle)
+        else:
+            self._drainTimer = self._clock.callLater(self._drainIdle, self._drainTimedOut)
+
+    def _drainTimedOut(self) -> None:
+        self._drainTimer = None
+        self._log.info(
+            "{stream}: no end of file {idle}s after the process exited "
+            "(a background process holds the pipe); stopped reading it",
+            stream=self.name,
+            idle=self._drainIdle,
+        )
+        self.reader.close()
+
+    def finish(self) -> Deferred[None]:
+        """
+        Stop reading, flush what is queued to every sink and close them.
+
+        Fires when every sink is closed or dropped (a stalled sink is dropped
+        after the stall timeout, so this always ends).
+        """
+        self._finished = True
+        self.reader.close()
+        waits = []
+        for writer in list(self._sinks):
+            d: Deferred[None] = Deferred()
+            self._closing[writer] = d
+            waits.append(d)
+            if writer.producer is not None:
+                writer.unregisterProducer()
+            writer.loseConnection()
+        self._armStallTimer()
+        return gatherResults(waits).addCallback(lambda _: None)
+
+
+@implementer(IPushProducer)
+class StdinPipe:
+    """
+    The container's stdin: one writer, any number of sources.
+
+    Sources are readers whose data is forwarded here.  When the writer's
+    queue is full, every source stops reading (backpressure to whoever
+    writes to it); when it drains, they resume.  If the container closes its
+    stdin, input is discarded.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: IReactorFDSet, clock: IReactorTime, fd: int | None) -> None:
+        self._sources: set[ReadPipe] = set()
+        self._paused = False
+        self.writer: WritePipe | None = None
+        if fd is not None:
+            self.writer = WritePipe(reactor, fd, clock, lost=self._writerLost)
+            self.writer.registerProducer(self, True)
+
+    def addSource(self, reader: ReadPipe) -> None:
+        self._sources.add(reader)
+        if not self._paused:
+            reader.startReading()
+
+    def removeSource(self, reader: ReadPipe) -> None:
+        self._sources.discard(reader)
+
+    def write(self, data: bytes) -> None:
+        if self.writer is not None:
+            self.writer.write(data)
+
+    def close(self) -> None:
+        """End of input: flush what is queued, then close the container's stdin."""
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            if writer.producer is not None:
+                writer.unregisterProducer()
+            writer.loseConnection()
+        self.resumeProducing()
+
+    def _writerLost(self, reason: Failure) -> None:
+        if self.writer is not None:
+            self._log.info("the container closed its stdin; input is discarded")
+        self.writer = None
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        for source in self._sources:
+            source.stopReading()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        for source in self._sources:
+            if source.fd >= 0:
+                source.startReading()
+
+    def stopProducing(self) -> None:
+        pass
