@@ -154,6 +154,7 @@ class ShimService(service.MultiService):
                 self.state = loadProcessState(self.path("process.json"))
             state = self.state
             self._openIO(state)
+            self._startAttach(state)
             self.runc = Runc(
                 self.reactor,
                 self.config.runtimeCommand,
@@ -198,6 +199,7 @@ class ShimService(service.MultiService):
         self._log.info("process {pid} exited with status {status}", pid=self.pid, status=status)
 
         await self._drainOutput()
+        self._stopAttach()
         if not state.exec:
             await self._cleanupContainer()
         reapStrays(())
@@ -254,6 +256,12 @@ class ShimService(service.MultiService):
         if engineIn is not None:
             self._engineStdin = ReadPipe(self.reactor, engineIn, self.stdin.write, self._engineStdinEnded)
             self.stdin.addSource(self._engineStdin)
+
+    def _startAttach(self, state: ProcessState) -> None:
+        """Listen on the attach socket, if process.json names one (attach issue)."""
+
+    def _stopAttach(self) -> None:
+        """Stop listening and end every attach session (after the output is flushed)."""
 
     def _openEngineWriter(self, path: str | None, name: str) -> WritePipe | None:
         if not path or not os.path.exists(path):
@@ -375,6 +383,7 @@ class ShimService(service.MultiService):
                 self._log.error("cannot write the status: {e}", e=e)
 
     def _closeEverything(self) -> None:
+        self._stopAttach()
         for fd in self._containerSide:
             os.close(fd)
         self._containerSide = []
