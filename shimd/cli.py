@@ -18,6 +18,7 @@ import sys
 import threading
 from typing import Any, NoReturn
 
+FOREVER = 7 * 24 * 3600.0  # "no timeout", in a form poll() and communicate() accept
 USAGE = "usage: isulad-shim ID BUNDLE RUNTIME LOGLEVEL [EXEC_TIMEOUT]\n"
 
 
@@ -110,7 +111,7 @@ def _run(opts: argparse.Namespace) -> int:
         engine.start(c)
         if opts.interactive:
             threading.Thread(target=_copyStdin, args=(c,), daemon=True).start()
-        _, _, status = engine.collect(c, timeout=float("inf"), onOutput=onOutput)
+        _, _, status = engine.collect(c, timeout=FOREVER, onOutput=onOutput)
     except EngineError as e:
         sys.stderr.write(f"shimd: {e}\n")
         engine.close(c, remove=True)
@@ -138,6 +139,47 @@ def _copyStdin(c: Any) -> None:
             return
 
 
+def _exec(opts: argparse.Namespace) -> int:
+    from shimd.engine import Engine, EngineError
+
+    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    if not command:
+        sys.stderr.write("shimd exec: no command given\n")
+        return 125
+    engine = Engine(runtime=opts.runtime)
+    try:
+        c = engine.load(opts.workdir)
+        e = engine.prepareExec(c, command, stdin=opts.interactive, terminal=opts.tty)
+    except (EngineError, OSError) as err:
+        sys.stderr.write(f"shimd exec: {err}\n")
+        return 125
+    stdinData = None
+    if opts.interactive:
+        stdinData = sys.stdin.buffer.read()
+    try:
+        _, _, status, code = engine.runExec(
+            e, opts.timeout or None, timeout=FOREVER, onOutput=_copyOutput, stdinData=stdinData
+        )
+    except EngineError as err:
+        sys.stderr.write(f"shimd exec: {err}\n")
+        return 126
+    finally:
+        engine.close(e)
+    if status is None:
+        if code == 2:
+            sys.stderr.write(f"shimd exec: timed out after {opts.timeout}s; killed\n")
+            return 124
+        sys.stderr.write(f"shimd exec: {engine.shimErrors(e) or 'the shim failed'}\n")
+        return 126
+    return status
+
+
+def _copyOutput(name: str, data: bytes) -> None:
+    stream = sys.stdout.buffer if name == "stdout" else sys.stderr.buffer
+    stream.write(data)
+    stream.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """C{shimd}: the user-facing command."""
     from shimd.engine import DEFAULT_STATE_ROOT
@@ -154,12 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-max-file", type=int, default=0, help="json-file log: files kept")
     run.add_argument("--keep", action="store_true", help="keep the workdir after the exit")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... (overrides the bundle)")
+    ex = sub.add_parser("exec", help="run a process in a running container")
+    ex.add_argument("workdir", help="the container's workdir (as printed by shimd run)")
+    ex.add_argument("--runtime", default="runc", help="OCI runtime command")
+    ex.add_argument("-i", "--interactive", action="store_true", help="copy stdin to the process")
+    ex.add_argument("-t", "--tty", action="store_true", help="give the process a terminal")
+    ex.add_argument("--timeout", type=int, default=0, help="kill the process after N seconds")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     opts = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.stderr.write("shimd: runc needs root; run as root\n")
         return 125
     if opts.verb == "run":
         return _run(opts)
+    if opts.verb == "exec":
+        return _exec(opts)
     return 2
 
 

@@ -21,6 +21,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,11 +63,12 @@ class Container:
     shim: subprocess.Popen[bytes] | None = None
     shimStatus: bytes = b""
     shimStderr: bytes = b""
+    root: str = ""
 
-    @property
-    def root(self) -> str:
-        """runc's --root, as the shim derives it."""
-        return os.path.join(self.workdir, os.path.basename(self.runtime))
+    def __post_init__(self) -> None:
+        if not self.root:
+            # runc's --root, as the shim derives it for a container.
+            self.root = os.path.join(self.workdir, os.path.basename(self.runtime))
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -76,6 +78,14 @@ class Container:
         fd = self.fds.pop("stdin", None)
         if fd is not None:
             os.close(fd)
+
+    def feedStdin(self, data: bytes) -> None:
+        """Write C{data} to the stdin FIFO, then close it (end of input)."""
+        try:
+            if data:
+                self.writeStdin(data)
+        finally:
+            self.closeStdin()
 
     def writeStdin(self, data: bytes) -> None:
         fd = self.fds["stdin"]
@@ -105,6 +115,16 @@ class Engine:
         self.stateRoot = stateRoot
         self.runtime = runtime
         self.shim = shim if shim is not None else shimCommand()
+
+    def load(self, workdir: str) -> Container:
+        """The container whose workdir is C{workdir} (C{<state root>/<runtime>/<id>})."""
+        workdir = os.path.abspath(workdir)
+        try:
+            with open(os.path.join(workdir, "process.json")) as f:
+                process = json.load(f)
+        except (OSError, ValueError) as e:
+            raise EngineError(f"{workdir} is not a container workdir: {e}") from e
+        return Container(os.path.basename(workdir), workdir, workdir, self.runtime, process)
 
     def prepare(
         self,
@@ -151,14 +171,7 @@ class Engine:
         c = Container(cid, workdir, os.path.abspath(bundle), self.runtime, process)
         process["exit_fifo"] = _mkfifo(c.path("exit_fifo"))
         c.fds["exit"] = os.open(c.path("exit_fifo"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
-            if not wanted:
-                continue
-            path = _mkfifo(c.path(f"engine-{name}"))
-            key = {"stdin": "isuladStdin", "stdout": "isuladStdout", "stderr": "isuladStderr"}[name]
-            process[key] = path
-            flags = os.O_RDWR if name == "stdin" else os.O_RDONLY
-            c.fds[name] = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._engineFifos(c, stdin, stdout, stderr)
         process["open_stdin"] = stdin if openStdin is None else openStdin
         if log:
             process["logPath"] = c.path("console.log")
@@ -169,10 +182,24 @@ class Engine:
         if attach:
             process["attach_socket"] = c.path("attach.sock")
         process.update(extra or {})
-        with open(c.path("process.json"), "w") as f:
-            json.dump(process, f)
-        os.chmod(c.path("process.json"), 0o640)
+        self._writeProcess(c)
         return c
+
+    def _engineFifos(self, c: Container, stdin: bool, stdout: bool, stderr: bool) -> None:
+        """Make the engine's stdio FIFOs and open the engine's ends first, as iSulad does."""
+        for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+            if not wanted:
+                continue
+            path = _mkfifo(c.path(f"engine-{name}"))
+            key = {"stdin": "isuladStdin", "stdout": "isuladStdout", "stderr": "isuladStderr"}[name]
+            c.process[key] = path
+            flags = os.O_RDWR if name == "stdin" else os.O_RDONLY
+            c.fds[name] = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _writeProcess(self, c: Container) -> None:
+        with open(c.path("process.json"), "w") as f:
+            json.dump(c.process, f)
+        os.chmod(c.path("process.json"), 0o640)
 
     def spawnShim(self, c: Container, execTimeout: int | None = None, detach: bool = False) -> None:
         """Run isulad-shim with the workdir as its cwd, in a session of its own."""
@@ -306,8 +333,7 @@ class Engine:
                 buffers[name] += data
                 if onOutput is not None:
                     onOutput(name, data)
-        assert status is not None
-        return bytes(buffers["stdout"]), bytes(buffers["stderr"]), status
+        return bytes(buffers["stdout"]), bytes(buffers["stderr"]), -1 if status is None else status
 
     def reapShim(self, c: Container, timeout: float = 60.0) -> int:
         """Wait for the shim to exit; keep its stdout (the status) and stderr."""
@@ -337,7 +363,8 @@ class Engine:
                 pass
             c.shim.wait()
         if remove:
-            self.runtimeCall(c, "delete", "--force", c.id)
+            if not c.process.get("exec"):
+                self.runtimeCall(c, "delete", "--force", c.id)
             shutil.rmtree(c.workdir, ignore_errors=True)
 
     def run(
@@ -357,3 +384,69 @@ class Engine:
             if c.shim is not None and c.shim.poll() is None:
                 self.reapShim(c)
             self.close(c)
+
+    # -- exec ------------------------------------------------------------------
+
+    def prepareExec(
+        self,
+        c: Container,
+        args: list[str],
+        execId: str | None = None,
+        stdin: bool = False,
+        stdout: bool = True,
+        stderr: bool = True,
+        terminal: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> Container:
+        """
+        An exec in the running container C{c}, laid out as iSulad does: the
+        workdir C{<container workdir>/exec/<exec id>} (mode 0750), a
+        process.json with C{exec: true}, the FIFOs and C{resize_fifo}.
+        """
+        workdir = c.path(os.path.join("exec", execId or secrets.token_hex(8)))
+        os.makedirs(workdir, mode=0o750)
+        os.chmod(workdir, 0o750)
+        process: dict[str, Any] = {
+            "args": list(args),
+            "cwd": "/",
+            "env": c.process.get("env", ["PATH=/bin:/usr/bin:/sbin:/usr/sbin"]),
+            "exec": True,
+        }
+        if terminal:
+            process["terminal"] = True
+        e = Container(c.id, workdir, c.workdir, self.runtime, process, root=c.root)
+        process["resizeFifo"] = _mkfifo(e.path("resize_fifo"))
+        self._engineFifos(e, stdin, stdout, stderr)
+        process.update(extra or {})
+        self._writeProcess(e)
+        return e
+
+    def runExec(
+        self,
+        e: Container,
+        execTimeout: int | None = None,
+        timeout: float = 120.0,
+        onOutput: Callable[[str, bytes], object] | None = None,
+        stdinData: bytes | None = None,
+    ) -> tuple[bytes, bytes, int | None, int]:
+        """
+        Run a prepared foreground exec to its end.
+
+        @return: (stdout, stderr, status, shim exit code); the status is
+            L{None} when the shim wrote none (an error, or a timeout: code 2).
+        """
+        self.spawnShim(e, execTimeout)
+        feeder = None
+        if stdinData is not None:
+            # Only once the shim has the FIFO open (it opens it before the
+            # runtime runs): a FIFO written and closed before anyone reads
+            # it loses its data and never signals end of file.
+            self.waitPid(e, timeout)
+            feeder = threading.Thread(target=e.feedStdin, args=(stdinData,), daemon=True)
+            feeder.start()
+        out, err, _ = self.collect(e, timeout=timeout, onOutput=onOutput)
+        if feeder is not None:
+            feeder.join(timeout)
+        code = self.reapShim(e, timeout=timeout)
+        status = struct.unpack("=i", e.shimStatus)[0] if len(e.shimStatus) == 4 else None
+        return out, err, status, code

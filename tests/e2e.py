@@ -109,12 +109,7 @@ class EngineMixin:
             if stdinData is not None:
                 # From a thread, as an engine would: the output must be read
                 # while the input is written, or both ends block.
-                def feed() -> None:
-                    if stdinData:
-                        c.writeStdin(stdinData)
-                    c.closeStdin()
-
-                feeder = threading.Thread(target=feed, daemon=True)
+                feeder = threading.Thread(target=c.feedStdin, args=(stdinData,), daemon=True)
                 feeder.start()
             if between is not None:
                 between(c)
