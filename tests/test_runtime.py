@@ -1,0 +1,94 @@
+"""
+The runc command lines are isulad-shim's (spec section 4.2), byte for byte;
+the root path follows the runtime *name* (B14); errors carry runc's text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from shimd.config import parseProcessState
+from shimd.runtime import Runc, RuntimeFailure, runtimeEnvironment
+from shimd.service import ShimConfig, runtimeRoot
+
+WD = "/run/isulad/runc/abc"
+
+
+def runc(root: str | None = WD + "/runc", args: tuple[str, ...] = ()) -> Runc:
+    return Runc(MemoryReactor(), "runc", WD, root, args)
+
+
+class CommandLineTests(SynchronousTestCase):
+    def test_create(self) -> None:
+        self.assertEqual(
+            runc().createArgs("abc", "/b", WD + "/pid"),
+            ["runc", "--log", WD + "/log.json", "--log-format", "json", "--root", WD + "/runc",
+             "create", "--bundle", "/b", "--pid-file", WD + "/pid", "abc"],
+        )
+
+    def test_createWithEverything(self) -> None:
+        argv = runc(args=("--debug",)).createArgs(
+            "abc", "/b", WD + "/pid", consoleSocket="/run/x.sock", systemdCgroup=True, noPivot=True
+        )
+        self.assertEqual(
+            argv,
+            ["runc", "--debug", "--log", WD + "/log.json", "--log-format", "json", "--root", WD + "/runc",
+             "--systemd-cgroup", "create", "--bundle", "/b", "--no-pivot", "--pid-file", WD + "/pid",
+             "--console-socket", "/run/x.sock", "abc"],
+        )
+
+    def test_exec(self) -> None:
+        self.assertEqual(
+            runc().execArgs("abc", WD + "/exec/e1/process.json", WD + "/exec/e1/pid", cwd="/tmp"),
+            ["runc", "--log", WD + "/log.json", "--log-format", "json", "--root", WD + "/runc",
+             "exec", "-d", "--process", WD + "/exec/e1/process.json", "--cwd", "/tmp",
+             "--pid-file", WD + "/exec/e1/pid", "abc"],
+        )
+
+    def test_killHasNoLog(self) -> None:
+        r = runc()
+        self.assertEqual(r.baseArgs(withLog=False) + ["kill", "--all", "abc", "SIGKILL"],
+                         ["runc", "--root", WD + "/runc", "kill", "--all", "abc", "SIGKILL"])
+
+    def test_kataHasNoRoot(self) -> None:
+        state = parseProcessState('{"args":["sh"],"cwd":"/"}')
+        self.assertIsNone(runtimeRoot(ShimConfig(WD, "abc", "/b", "/usr/bin/kata-runtime"), state))
+
+    def test_rootUsesRuntimeName(self) -> None:
+        """B14: an absolute runtime command still gives <wd>/<name>."""
+        state = parseProcessState('{"args":["sh"],"cwd":"/"}')
+        self.assertEqual(runtimeRoot(ShimConfig(WD, "abc", "/b", "/usr/sbin/runc"), state), WD + "/runc")
+        named = parseProcessState('{"args":["sh"],"cwd":"/","runtime":"crun"}')
+        self.assertEqual(runtimeRoot(ShimConfig(WD, "abc", "/b", "/opt/x/crun-1.0"), named), WD + "/crun")
+
+    def test_execRootIsTheContainers(self) -> None:
+        state = parseProcessState('{"args":["sh"],"cwd":"/","exec":true}')
+        self.assertEqual(runtimeRoot(ShimConfig(WD + "/exec/e1", "abc", "/b", "runc"), state), WD + "/runc")
+
+    def test_environment(self) -> None:
+        env = runtimeEnvironment({"PATH": "/bin", "NOTIFY_SOCKET": "/x", "A": "b"})
+        self.assertNotIn("NOTIFY_SOCKET", env)
+        self.assertIn("/usr/sbin", env["PATH"].split(":"))
+        self.assertEqual(env["A"], "b")
+
+
+class ErrorTextTests(SynchronousTestCase):
+    def test_errorsFromTheLogAfterOffset(self) -> None:
+        wd = tempfile.mkdtemp()
+        self.addCleanup(lambda: [os.remove(os.path.join(wd, f)) for f in os.listdir(wd)] and os.rmdir(wd))
+        r = Runc(MemoryReactor(), "runc", wd, None)
+        with open(r.logPath, "w") as f:
+            f.write(json.dumps({"level": "error", "msg": "old"}) + "\n")
+        offset = os.path.getsize(r.logPath)
+        with open(r.logPath, "a") as f:
+            f.write(json.dumps({"level": "info", "msg": "noise"}) + "\n")
+            f.write("not json\n")
+            f.write(json.dumps({"level": "error", "msg": 'exec: "x": not found'}) + "\n")
+        self.assertEqual(r.errorText(offset), 'exec: "x": not found')
+        failure = RuntimeFailure(["runc", "create", "abc"], 1, r.errorText(offset))
+        self.assertEqual(str(failure), 'runc create failed: exec: "x": not found')

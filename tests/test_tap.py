@@ -1,0 +1,41 @@
+"""The twistd plugin: discoverable, valid IServiceMaker, options checked."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from shimd.tap import Options, configFromOptions
+
+
+class PluginTests(SynchronousTestCase):
+    def test_discovered(self) -> None:
+        makers = [m for m in getPlugins(IServiceMaker) if getattr(m, "tapname", None) == "shimd"]
+        self.assertEqual(len(makers), 1)
+        verifyObject(IServiceMaker, makers[0])
+        verifyObject(IPlugin, makers[0])
+        self.assertIs(makers[0].options, Options)
+
+    def test_requiredOptions(self) -> None:
+        with self.assertRaises(usage.UsageError) as e:
+            Options().parseOptions(["--id", "x", "--bundle", "/b"])
+        self.assertIn("--workdir", str(e.exception))
+
+    def test_config(self) -> None:
+        wd = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, wd)
+        with open(os.path.join(wd, "process.json"), "w") as f:
+            f.write('{"args":["true"],"cwd":"/"}')
+        self.addCleanup(os.remove, os.path.join(wd, "process.json"))
+        o = Options()
+        o.parseOptions(["--workdir", wd, "--id", "c1", "--bundle", "/b", "--start", "--exec-timeout", "5",
+                        "--stall-timeout", "1.5"])
+        config = configFromOptions(o)
+        self.assertEqual((config.workdir, config.containerId, config.bundle, config.start, config.execTimeout,
+                          config.stallTimeout), (wd, "c1", "/b", True, 5, 1.5))
