@@ -10,6 +10,8 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PIP_EDITABLE := --config-settings editable_mode=compat
 PYTEST_ARGS ?=
+# e.g. make bench BENCH_ARGS=--quick
+BENCH_ARGS ?=
 
 # Where the demo OCI bundle lives; read by shimd.bundle (and the tests).
 SHIMD_DEMO_BUNDLE ?= /var/lib/shimd/demo-bundle
@@ -87,7 +89,7 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp setup.py
 
 bench: deps venv $(VENV)/.bench-stamp
 	@$(call apt_ensure,conmon:conmon)
-	$(VPY) bench/run.py
+	$(VPY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp* .pytest_cache .coverage .coverage.* htmlcov

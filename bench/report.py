@@ -1,0 +1,203 @@
+"""The results table (markdown) and the plot (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+Results = dict[str, dict[str, dict[str, list[float]]]]
+
+# label, workload, figure, unit, target text, target check on (ratio, shimd median)
+Check = Callable[[float | None, float], bool] | None
+ROWS: list[tuple[str, str, str, str, str, Check]] = [
+    ("1. Log throughput: start -> exit report", "throughput", "seconds", "s",
+     "ratio <= 1.0", lambda r, v: r is not None and r <= 1.0),
+    ("1. Log throughput", "throughput", "MB/s", "MB/s", "", None),
+    ("1. Log throughput", "throughput", "lines/s", "lines/s", "", None),
+    ("1. Shim CPU during workload 1 (sampled)", "throughput", "CPU s", "s", "", None),
+    ("2. Start latency: launch -> pid file", "lifecycle", "start ms", "ms",
+     "ratio <= 3", lambda r, v: r is not None and r <= 3.0),
+    ("3. Idle RSS", "idle", "RSS MB", "MB", "shimd <= 25 MB", lambda r, v: v <= 25.0),
+    ("3. Idle PSS", "idle", "PSS MB", "MB", "", None),
+    ("3. Peak RSS during workload 1", "throughput", "peak RSS MB", "MB", "", None),
+    ("4. Exit report latency: runc kill -> status", "lifecycle", "exit ms", "ms",
+     "ratio <= 2", lambda r, v: r is not None and r <= 2.0),
+    ("6. Idle CPU over the window", "idle", "idle CPU s", "s", "shimd < 0.05 s",
+     lambda r, v: v < 0.05),
+]
+
+
+def med(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def pairRatios(a: list[float] | None, b: list[float] | None) -> list[float]:
+    if not a or not b:
+        return []
+    return [x / y for x, y in zip(a, b) if y]
+
+
+def markdown(results: Results, info: dict[str, str], notes: list[str], lines: int) -> str:
+    out = ["# shimd vs conmon: benchmark results", ""]
+    out.append("Produced by `make bench` (`bench/run.py`); rerun it to refresh this file.")
+    out.append("")
+    out.append("| | |")
+    out.append("|---|---|")
+    for key, value in info.items():
+        out.append(f"| {key} | {value} |")
+    out.append("")
+    out.append("Medians of the counted runs. *ratio* is shimd/conmon, the median of the "
+               "per-round ratios (runs alternate A B, B A, ...).")
+    out.append("")
+    out.append("| figure | unit | shimd | conmon | ratio | target | met |")
+    out.append("|---|---|---:|---:|---:|---|---|")
+    verdicts: list[tuple[str, bool]] = []
+    for label, workload, figure, unit, target, check in ROWS:
+        w = results.get(workload, {})
+        a = w.get("shimd", {}).get(figure)
+        b = w.get("conmon", {}).get(figure)
+        if a is None and b is None:
+            continue
+        ratios = pairRatios(a, b)
+        ratio = med(ratios)
+        va = med(a)
+        met = ""
+        if check is not None and va is not None:
+            ok = check(ratio, va)
+            met = "yes" if ok else "**no**"
+            verdicts.append((f"{label} ({target})", ok))
+        out.append(f"| {label} | {unit} | {fmt(va)} | {fmt(med(b))} | "
+                   f"{fmt(ratio) if ratio is not None else ''} | {target} | {met} |")
+    out.append("")
+
+    # Attach: shimd only, compared with shimd's own non-attached run.
+    tp = results.get("throughput", {})
+    at = results.get("attach", {}).get("shimd", {})
+    if at or "shimd+1 attach" in tp:
+        out.append("Attach (shimd only; conmon's attach is another protocol). Workload-1 times are "
+                   "compared with shimd's non-attached runs of the same rounds.")
+        out.append("")
+        out.append("| figure | unit | shimd | vs no attach | target | met |")
+        out.append("|---|---|---:|---:|---|---|")
+        if at:
+            out.append(f"| 5. attach connect -> reply, p50 | ms | {fmt(med(at.get('p50 ms')))} | | | |")
+            out.append(f"| 5. attach connect -> reply, p99 | ms | {fmt(med(at.get('p99 ms')))} | | | |")
+            refused = sum(at.get("refused", []))
+            out.append(f"| 5. attaches refused | count | {refused:g} | | | |")
+        base = tp.get("shimd", {}).get("seconds")
+        for n in (1, 16):
+            v = tp.get(f"shimd+{n} attach", {}).get("seconds")
+            if not v:
+                continue
+            ratio = med(pairRatios(v, base))
+            target, met = "", ""
+            if n == 16 and ratio is not None:
+                target = "<= 1.5 (adds <= 50%)"
+                ok = ratio <= 1.5
+                met = "yes" if ok else "**no**"
+                verdicts.append(("5. 16 attach sessions add <= 50% to workload 1", ok))
+            out.append(f"| 5. workload 1 with {n} session{'s' if n > 1 else ''} reading every byte | s | "
+                       f"{fmt(med(v))} | {fmt(ratio)} | {target} | {met} |")
+        out.append("")
+    for note in notes:
+        out.append(f"- {note}")
+    if notes:
+        out.append("")
+
+    if verdicts:
+        out.append("Targets: " + ", ".join(f"{'met' if ok else 'MISSED'}: {name}" for name, ok in verdicts))
+        out.append("")
+
+    out.append("## Every counted run")
+    out.append("")
+    for workload, variants in results.items():
+        for variant, figures in variants.items():
+            for figure, values in figures.items():
+                out.append(f"- {workload} / {variant} / {figure}: " + ", ".join(fmt(v) for v in values))
+    out.append("")
+    out.append("## How it is measured")
+    out.append("")
+    out.append(f"""- Same busybox bundle (the demo rootfs, read-only; a private config.json per run), runc, same
+  filesystem. shimd runs as iSulad runs it (`shimd.engine`: workdir, process.json, exit_fifo),
+  without the engine's stdout/stderr FIFOs, so its only output is the json-file log; conmon runs
+  with `--api-version 1 --sync --no-sync-log`, a sync pipe, `--exit-dir` and a k8s-file log
+  (`--no-sync-log` because shimd does not fsync either).
+- Workload 1: `sh -c 'yes <100 chars> | head -n {lines}'`; time from `runc start` to the exit
+  report (shimd: 4 bytes on exit_fifo; conmon: the exit file, seen by inotify). Every run checks
+  the container's status (0) and that the log holds {lines:,} complete stdout lines (json-file
+  records ending in `\\n`; k8s-file `F` records), and with attach, that each session read every
+  byte. Peak RSS is VmHWM sampled every 0.1 s up to the report.
+- Start latency: from launching the shim to runc's pid file appearing (inotify), `sleep` container.
+- Exit report latency: from spawning `runc kill <id> KILL` to the status being readable.
+- Idle: both shims beside a `sleep` container in the same window, after 2 s of settling; CPU is
+  utime+stime from /proc/<pid>/stat, memory Rss/Pss from /proc/<pid>/smaps_rollup.
+- Attach: the wire protocol (FIFOs under the workdir, `"<in> <out> <err>"`, 4-byte reply),
+  sessions attached before `runc start`; the bench process reads every session's FIFOs.
+""")
+    return "\n".join(out)
+
+
+def plot(results: Results, path: str, info: dict[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: list[tuple[str, str, str, list[str]]] = [
+        ("Workload 1: start -> exit report (s)", "throughput", "seconds",
+         ["shimd", "conmon", "shimd+1 attach", "shimd+16 attach"]),
+        ("Log throughput (MB/s)", "throughput", "MB/s", ["shimd", "conmon"]),
+        ("Start latency (ms)", "lifecycle", "start ms", ["shimd", "conmon"]),
+        ("Exit report latency (ms)", "lifecycle", "exit ms", ["shimd", "conmon"]),
+        ("Idle RSS (MB)", "idle", "RSS MB", ["shimd", "conmon"]),
+        ("Idle PSS (MB)", "idle", "PSS MB", ["shimd", "conmon"]),
+        ("Peak RSS in workload 1 (MB)", "throughput", "peak RSS MB", ["shimd", "conmon"]),
+        ("Idle CPU over the window (s)", "idle", "idle CPU s", ["shimd", "conmon"]),
+    ]
+    colors = {"shimd": "#1f77b4", "conmon": "#ff7f0e", "shimd+1 attach": "#6baed6",
+              "shimd+16 attach": "#08519c"}
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    for ax, (title, workload, figure, variants) in zip(axes.flat, panels):
+        names, medians, points = [], [], []
+        for v in variants:
+            values = results.get(workload, {}).get(v, {}).get(figure)
+            if not values:
+                continue
+            names.append(v.replace(" attach", "\nattach"))
+            medians.append(statistics.median(values))
+            points.append(values)
+        ax.set_title(title, fontsize=10)
+        if not names:
+            ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            continue
+        xs = range(len(names))
+        ax.bar(xs, medians, color=[colors.get(v, "grey") for v in variants if
+                                   results.get(workload, {}).get(v, {}).get(figure)])
+        for x, values in zip(xs, points):
+            ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
+        for x, m in zip(xs, medians):
+            ax.annotate(f"{m:.3g}", (x, m), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, fontsize=8)
+    fig.suptitle(f"shimd vs conmon - {info.get('date', '')} - {info.get('nproc')} CPU "
+                 f"{info.get('cpu', '')}, kernel {info.get('kernel', '')} (bars: median; dots: runs)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,408 @@
+#!/usr/bin/env python3
+"""
+shimd against conmon, side by side, on this machine (issue 6).
+
+Usage (as root; `make bench` installs conmon and matplotlib first):
+
+    .venv/bin/python bench/run.py            # the full run (< 15 min), writes results
+    .venv/bin/python bench/run.py --quick    # a short run, for development
+    .venv/bin/python bench/run.py --only throughput,lifecycle
+    .venv/bin/python bench/run.py --profile  # one shimd workload-1 run under cProfile
+
+Workloads, each on both shims in alternating order (A B, B A, ...), one
+warm-up round first, then the counted rounds; the median of each figure is
+reported with the ratio shimd/conmon:
+
+ 1. throughput: `yes <100 chars> | head -n 2000000`, from `runc start` to the
+    exit report (shimd: the status on exit_fifo; conmon: the exit file),
+    MB/s, lines/s, the shim's peak RSS (VmHWM, sampled every 0.1 s up to the
+    report); both logs must hold every line (records counted).
+ 2. start latency (lifecycle): launching the shim -> the pid file exists
+    (inotify), for a `sleep` container.
+ 3. memory (idle): RSS and PSS (smaps_rollup) beside an idle container.
+ 4. exit report latency (lifecycle): `runc kill` -> the status is readable.
+ 5. attach (shimd only): connect-to-reply latency over 200 attaches, and
+    workload 1 with 1 and 16 sessions reading every byte.
+ 6. idle CPU: utime+stime of the shim over 30 s beside an idle container
+    (both shims in the same window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from attachclient import AttachUnavailable, Session  # noqa: E402
+from shims import (  # noqa: E402
+    CONMON, RUNC, BenchError, ConmonRunner, Run, Runner, ShimdRunner, cpuSeconds,
+    killStrays, now, rollupKB, statusKB,
+)
+
+LINE = "0123456789" * 10
+LINE_BYTES = len(LINE) + 1
+STATE_ROOT = "/run/shimd-bench"
+
+Results = dict[str, dict[str, dict[str, list[float]]]]
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def record(results: Results, workload: str, variant: str, figures: dict[str, float]) -> None:
+    bucket = results.setdefault(workload, {}).setdefault(variant, {})
+    for key, value in figures.items():
+        bucket.setdefault(key, []).append(value)
+
+
+# -- workloads ---------------------------------------------------------------
+
+
+def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float]:
+    """Workload 1 (and 5b with sessions)."""
+    run = runner.prepare(["sh", "-c", f"yes {LINE} | head -n {lines}"], "tp")
+    attached: list[Session] = []
+    try:
+        runner.launch(run)
+        runner.waitPid(run)
+        readers: dict[int, Callable[[int], object]] = {}
+        buf = bytearray(1 << 20)
+        if sessions:
+            sock = os.path.join(run.dir, "attach.sock")
+            for i in range(sessions):
+                s = Session(run.dir, f"s{i}")
+                attached.append(s)
+                status, _ = s.attach(sock)
+                if status != 0:
+                    raise BenchError(f"attach {i} was refused ({status})")
+                for fd in (s.out, s.err):
+                    readers[fd] = (lambda fd, s=s: s.readable(fd, buf))
+        pid = run.shimPid
+        hwm = [0]
+        cpu = [0.0]
+
+        def sample() -> None:
+            v = statusKB(pid, "VmHWM")
+            if v:
+                hwm[0] = max(hwm[0], v)
+            c = cpuSeconds(pid)
+            if c is not None:
+                cpu[0] = c
+
+        t0 = now()
+        runner.start(run)
+        t1 = runner.waitExit(run, more=readers, tick=sample, tickEvery=0.1)
+        sample()
+        elapsed = t1 - t0
+        if attached:
+            # Read what is left, up to end of file on every session.
+            from shims import waitUntil
+
+            left = {fd: h for fd, h in readers.items()}
+            waitUntil(
+                lambda: True if all(fd in s.ended for s in attached for fd in (s.out, s.err)) else None,
+                left, 60, what="end of file on the attach FIFOs",
+            )
+        runner.reap(run)
+        if run.status != 0:
+            raise BenchError(f"{runner.name}: the container's status was {run.status}")
+        records, complete = runner.countLines(run)
+        if complete != lines:
+            raise BenchError(f"{runner.name}: the log holds {complete} of {lines} lines ({records} records)")
+        for i, s in enumerate(attached):
+            if s.outBytes != lines * LINE_BYTES:
+                raise BenchError(f"attach session {i} got {s.outBytes} of {lines * LINE_BYTES} bytes")
+        return {
+            "seconds": elapsed,
+            "MB/s": lines * LINE_BYTES / elapsed / 1e6,
+            "lines/s": lines / elapsed,
+            "peak RSS MB": hwm[0] / 1024,
+            "CPU s": cpu[0],
+            "records": records,
+        }
+    finally:
+        for s in attached:
+            s.close()
+        runner.finish(run)
+
+
+def lifecycle(runner: Runner) -> dict[str, float]:
+    """Workloads 2 and 4: start latency and exit report latency."""
+    run = runner.prepare(["sleep", "3600"], "lc")
+    try:
+        t0 = now()
+        runner.launch(run)
+        t1 = runner.waitPid(run)
+        runner.start(run)
+        time.sleep(0.3)
+        t2 = now()
+        kill = run.runc("kill", run.id, "KILL", wait=False)
+        t3 = runner.waitExit(run, timeout=30)
+        kill.wait()
+        if run.status != 137:
+            raise BenchError(f"{runner.name}: status {run.status} after SIGKILL")
+        return {"start ms": (t1 - t0) * 1000, "exit ms": (t3 - t2) * 1000}
+    finally:
+        runner.finish(run)
+
+
+def idle(runners: list[Runner], window: float, settle: float = 2.0) -> dict[str, dict[str, float]]:
+    """Workloads 3 and 6: memory and CPU beside an idle container, all shims at once."""
+    runs: list[tuple[Runner, Run]] = []
+    try:
+        for runner in runners:
+            run = runner.prepare(["sleep", "3600"], "idle")
+            runs.append((runner, run))
+            runner.launch(run)
+            runner.waitPid(run)
+            runner.start(run)
+        time.sleep(settle)
+        before = {r.name: cpuSeconds(run.shimPid) for r, run in runs}
+        time.sleep(window)
+        out: dict[str, dict[str, float]] = {}
+        for runner, run in runs:
+            after = cpuSeconds(run.shimPid)
+            b = before[runner.name]
+            if after is None or b is None or run.proc.poll() is not None:
+                raise BenchError(f"{runner.name} is gone during the idle window")
+            mem = rollupKB(run.shimPid)
+            out[runner.name] = {
+                "idle CPU s": after - b,
+                "RSS MB": mem.get("Rss", 0) / 1024,
+                "PSS MB": mem.get("Pss", 0) / 1024,
+            }
+        return out
+    finally:
+        for runner, run in runs:
+            try:
+                runner.finish(run)
+            except Exception:
+                traceback.print_exc()
+
+
+def attachLatency(runner: ShimdRunner, count: int) -> dict[str, float] | None:
+    """Workload 5a: connect-to-reply latency; None if attach is not there."""
+    run = runner.prepare(["sleep", "3600"], "al")
+    try:
+        runner.launch(run)
+        runner.waitPid(run)
+        runner.start(run)
+        sock = runner.attachSocket(run)
+        times = []
+        failures = 0
+        for i in range(count):
+            s = Session(run.dir, f"l{i}")
+            try:
+                status, dt = s.attach(sock)
+            except AttachUnavailable:
+                return None
+            finally:
+                s.close()
+            if status != 0:
+                failures += 1
+            times.append(dt * 1000)
+        times.sort()
+        return {
+            "p50 ms": statistics.median(times),
+            "p99 ms": times[min(len(times) - 1, int(round(0.99 * len(times))) - 1)],
+            "refused": failures,
+        }
+    finally:
+        runner.finish(run)
+
+
+def attachAvailable(runner: ShimdRunner) -> bool:
+    run = runner.prepare(["sleep", "3600"], "probe")
+    try:
+        runner.launch(run)
+        runner.waitPid(run)
+        s = Session(run.dir, "probe")
+        try:
+            status, _ = s.attach(runner.attachSocket(run))
+        except AttachUnavailable:
+            return False
+        finally:
+            s.close()
+        return status == 0
+    finally:
+        runner.finish(run)
+
+
+# -- orchestration -------------------------------------------------------------
+
+
+def rounds(count: int, warmup: int, variants: list[tuple[str, Callable[[], Any]]],
+           results: Results, workload: str) -> None:
+    """Run every variant per round, order reversed every other round."""
+    for i in range(warmup + count):
+        order = variants if i % 2 == 0 else variants[::-1]
+        counted = i >= warmup
+        for name, fn in order:
+            t = now()
+            figures = fn()
+            if isinstance(figures, dict) and figures and isinstance(next(iter(figures.values())), dict):
+                for sub, f in figures.items():
+                    if counted:
+                        record(results, workload, sub, f)
+                shown = "; ".join(f"{k}: {fmtFigures(v)}" for k, v in figures.items())
+            else:
+                if counted and figures is not None:
+                    record(results, workload, name, figures)
+                shown = fmtFigures(figures) if figures else "n/a"
+            log(f"{workload} {'run' if counted else 'warm-up'} {i - warmup + 1 if counted else 0} "
+                f"{name}: {shown} ({now() - t:.1f}s)")
+
+
+def fmtFigures(f: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in f.items())
+
+
+def machineInfo() -> dict[str, str]:
+    def first(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import twisted
+
+    mem = "?"
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) // 1024} MiB"
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "runc": first([RUNC, "--version"]),
+        "conmon": first([CONMON, "--version"]),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short run: fewer lines, runs and seconds")
+    parser.add_argument("--runs", type=int, help="counted runs per workload (default 5; lifecycle 10)")
+    parser.add_argument("--lines", type=int, help="lines for workload 1 (default 2,000,000)")
+    parser.add_argument("--idle-window", type=float, help="seconds of the idle CPU window (default 30)")
+    parser.add_argument("--only", help="comma-separated: throughput,lifecycle,idle,attach")
+    parser.add_argument("--output", default=HERE, help="where results.md and results.png go")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--profile", metavar="DIR", nargs="?", const=os.path.join(HERE, "output"),
+                        help="run workload 1 once on shimd under cProfile and print the profile")
+    opts = parser.parse_args(argv)
+
+    if os.geteuid() != 0:
+        sys.stderr.write("bench: runc needs root\n")
+        return 2
+    os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    if not os.access(CONMON, os.X_OK):
+        sys.stderr.write("bench: conmon is not installed (apt-get install conmon, or make bench)\n")
+        return 2
+
+    from shimd.bundle import ensureDemoBundle
+
+    bundle = ensureDemoBundle()
+    killStrays(STATE_ROOT)
+    shutil.rmtree(STATE_ROOT, ignore_errors=True)
+    os.makedirs(STATE_ROOT, mode=0o700)
+
+    quick = opts.quick
+    runs = opts.runs or (3 if quick else 5)
+    lines = opts.lines or (200_000 if quick else 2_000_000)
+    window = opts.idle_window or (5.0 if quick else 30.0)
+    attaches = 50 if quick else 200
+    only = set(opts.only.split(",")) if opts.only else {"throughput", "lifecycle", "idle", "attach"}
+
+    if opts.profile:
+        from profiling import profileThroughput
+
+        return profileThroughput(STATE_ROOT, bundle, lines, opts.profile, LINE)
+
+    shimd = ShimdRunner(STATE_ROOT, bundle)
+    conmon = ConmonRunner(STATE_ROOT, bundle)
+    results: Results = {}
+    notes: list[str] = []
+    started = now()
+    info = machineInfo()
+    log("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+
+    hasAttach = False
+    if "attach" in only or "throughput" in only:
+        hasAttach = attachAvailable(shimd)
+        if not hasAttach:
+            notes.append("attach: n/a (attach not available: nothing listens on attach.sock)")
+        log(f"attach available: {hasAttach}")
+
+    try:
+        if "lifecycle" in only:
+            n = opts.runs or (3 if quick else 10)
+            rounds(n, 1, [("shimd", lambda: lifecycle(shimd)), ("conmon", lambda: lifecycle(conmon))],
+                   results, "lifecycle")
+        if "throughput" in only:
+            variants: list[tuple[str, Callable[[], Any]]] = [
+                ("shimd", lambda: throughput(shimd, lines)),
+                ("conmon", lambda: throughput(conmon, lines)),
+            ]
+            if hasAttach and "attach" in only:
+                variants += [
+                    ("shimd+1 attach", lambda: throughput(shimd, lines, 1)),
+                    ("shimd+16 attach", lambda: throughput(shimd, lines, 16)),
+                ]
+            rounds(runs, 1, variants, results, "throughput")
+        if "attach" in only and hasAttach:
+            rounds(runs, 1, [("shimd", lambda: attachLatency(shimd, attaches))], results, "attach")
+        if "idle" in only:
+            def both(i: list[int] = [0]) -> dict[str, dict[str, float]]:
+                i[0] += 1
+                order: list[Runner] = [shimd, conmon] if i[0] % 2 else [conmon, shimd]
+                return idle(order, window if i[0] > 1 else min(window, 3.0))
+
+            rounds(runs, 1, [("both", both)], results, "idle")
+    finally:
+        killStrays(STATE_ROOT)
+
+    info["wall time"] = f"{now() - started:.0f} s"
+    info["settings"] = (f"{runs} counted runs + 1 warm-up per workload (lifecycle: "
+                        f"{opts.runs or (3 if quick else 10)}), {lines:,} lines, idle window {window:g} s, "
+                        f"{attaches} attaches per run")
+    from report import markdown, plot
+
+    text = markdown(results, info, notes, lines)
+    print(text)
+    if not opts.no_write:
+        os.makedirs(opts.output, exist_ok=True)
+        with open(os.path.join(opts.output, "results.md"), "w") as f:
+            f.write(text)
+        plot(results, os.path.join(opts.output, "results.png"), info)
+        log(f"wrote {opts.output}/results.md and results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
