@@ -273,3 +273,45 @@ class CommandTests(EngineMixin, TestCase):
             self.assertIn("/no/such/binary", errors)
         finally:
             self.engine.close(c)
+
+
+class GoneReaderTests(EngineMixin, TestCase):
+    """Issue 2, point 6: gone and stalled engine readers are dropped; the rest carries on."""
+
+    def setUp(self) -> None:
+        self.setUpEngine()
+
+    def test_readerCloses(self) -> None:
+        """The engine closes its stdout FIFO: the container finishes, the log has everything."""
+
+        def closeStdout(c: object) -> None:
+            os.close(c.fds.pop("stdout"))  # type: ignore[attr-defined]
+
+        r = self.runContainer(["sh", "-c", "seq 1 200000; echo done >&2"], between=closeStdout)
+        self.assertEqual((r.status, r.stderr), (0, b"done\n"))
+        self.assertEqual(reassemble(r.records, "stdout"), "".join(f"{i}\n" for i in range(1, 200001)))
+
+    def test_stalledReaderDropped(self) -> None:
+        """A reader that never reads is dropped after the stall timeout (1 s here, via twistd)."""
+        from tests.e2e import BIN
+
+        c = self.engine.prepare(self.bundle, ["sh", "-c", "seq 1 300000; echo done >&2"])
+        try:
+            p = subprocess.Popen(
+                [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "shimd", "--workdir", c.workdir,
+                 "--id", c.id, "--bundle", c.bundle, "--start", "--stall-timeout", "1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+            )
+            stdoutFd = c.fds.pop("stdout")  # held open, never read
+            try:
+                _, err, status = self.engine.collect(c, timeout=30)
+            finally:
+                os.close(stdoutFd)
+            self.assertEqual(p.wait(timeout=30), 0)
+            self.assertEqual((status, err), (0, b"done\n"))
+            records = readRecords([c.path("console.log")])
+            self.assertEqual(reassemble(records, "stdout"), "".join(f"{i}\n" for i in range(1, 300001)))
+            with open(c.path("shim-log.json")) as f:
+                self.assertIn("made no progress", f.read())
+        finally:
+            self.engine.close(c)
