@@ -29,6 +29,7 @@ class Options(usage.Options):
         ["exec-timeout", None, 0, "Seconds before an exec is killed (0: none).", int],
         ["drain-timeout", None, 2.0, "Idle seconds to wait for output after exit.", float],
         ["stall-timeout", None, 10.0, "Drop a reader with no progress for this long.", float],
+        ["start-timeout", None, 120.0, "Give up if the runtime has no process by then.", float],
     ]
     optFlags = [
         ["start", None, "Start the container (runc start) once it is created."],
@@ -54,6 +55,7 @@ def configFromOptions(options: Options) -> ShimConfig:
         start=bool(options["start"]),
         drainTimeout=options["drain-timeout"],
         stallTimeout=options["stall-timeout"],
+        startTimeout=options["start-timeout"],
     )
 
 
@@ -70,5 +72,9 @@ def makeService(options: Options) -> ShimService:
             os.path.join(options["workdir"], SHIM_LOG_NAME), options["log-level"]
         )
         globalLogPublisher.addObserver(observer)
-    shim.done.addCallback(lambda code: reactor.callLater(0, reactor.stop))  # type: ignore[attr-defined]
+    def stop(code: int) -> None:
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.callLater(0, reactor.stop)  # type: ignore[attr-defined]
+
+    shim.done.addCallback(stop)
     return shim

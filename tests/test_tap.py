@@ -39,3 +39,35 @@ class PluginTests(SynchronousTestCase):
         config = configFromOptions(o)
         self.assertEqual((config.workdir, config.containerId, config.bundle, config.start, config.execTimeout,
                           config.stallTimeout), (wd, "c1", "/b", True, 5, 1.5))
+
+
+class StartGuardTests(SynchronousTestCase):
+    def test_runtimeThatHangs(self) -> None:
+        """The start-up guard: a runtime that never returns is killed and the shim fails."""
+        import subprocess
+        import sys
+        import time
+
+        wd = tempfile.mkdtemp(prefix="shimd-guard-", dir="/tmp")
+        self.addCleanup(subprocess.run, ["rm", "-rf", wd])
+        fake = os.path.join(wd, "fake-runc")
+        with open(fake, "w") as f:
+            f.write(f"#!/bin/sh\necho $$ > {wd}/fake.pid\nexec sleep 300\n")
+        os.chmod(fake, 0o755)
+        with open(os.path.join(wd, "process.json"), "w") as f:
+            f.write('{"args":["true"],"cwd":"/"}')
+        started = time.monotonic()
+        p = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "shimd",
+             "--workdir", wd, "--id", "g1", "--bundle", wd, "--runtime", fake, "--start-timeout", "1"],
+            capture_output=True, timeout=60, cwd="/",
+        )
+        self.assertLess(time.monotonic() - started, 20)
+        with open(os.path.join(wd, "shim-log.json")) as f:
+            self.assertIn("runtime timeout", f.read())
+        with open(os.path.join(wd, "fake.pid")) as f:
+            pid = int(f.read())
+        time.sleep(0.2)
+        self.assertFalse(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z",
+                         "the hung runtime was not killed")
+        self.assertFalse(os.path.exists(os.path.join(wd, "exit")))
