@@ -76,7 +76,8 @@ class ReadPipe(abstract.FileDescriptor):
         self._eof = eof
         self._eioIsEOF = eioIsEOF
         self._chunkSize = chunkSize
-        setNonBlocking(fd)
+        if fd >= 0:  # -1: the descriptor comes later (OutputStream.setSource)
+            setNonBlocking(fd)
 
     def fileno(self) -> int:
         return self.fd

@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 
 from shimd.config import ConfigError, ProcessState, loadProcessState
+from shimd.console import ConsoleError, Terminal
 from shimd.fdio import ReadPipe, WritePipe, openFifo
 from shimd.logfile import JsonFileLog
 from shimd.reaper import ExitWatcher, reapStrays, setChildSubreaper
@@ -124,6 +125,7 @@ class ShimService(service.MultiService):
         self._containerSide: list[int] = []
         self._watcher: ExitWatcher | None = None
         self._timedOut = False
+        self.terminal: Terminal | None = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.config.workdir, name)
@@ -168,7 +170,8 @@ class ShimService(service.MultiService):
             try:
                 self.pid = await guard
             except defer.TimeoutError:
-                raise ShimError(f"runtime timeout: no process after {self.config.startTimeout:g}s")
+                waiting = " (no terminal on the console socket)" if self.terminal is not None else ""
+                raise ShimError(f"runtime timeout: no process after {self.config.startTimeout:g}s{waiting}")
         except (ConfigError, ShimError, RuntimeFailure) as e:
             self._log.error("{msg}", msg=str(e))
             return EXIT_ERROR
@@ -237,7 +240,8 @@ class ShimService(service.MultiService):
                 raise
 
         if state.terminal:
-            raise ShimError("terminal containers are not supported yet")
+            self._openTerminal(state, engineOut, engineErr, engineIn)
+            return
         inR, inW = os.pipe2(os.O_CLOEXEC)
         outR, outW = os.pipe2(os.O_CLOEXEC)
         errR, errW = os.pipe2(os.O_CLOEXEC)
@@ -256,6 +260,37 @@ class ShimService(service.MultiService):
         if engineIn is not None:
             self._engineStdin = ReadPipe(self.reactor, engineIn, self.stdin.write, self._engineStdinEnded)
             self.stdin.addSource(self._engineStdin)
+
+    def _openTerminal(
+        self, state: ProcessState, engineOut: WritePipe | None, engineErr: WritePipe | None, engineIn: int | None
+    ) -> None:
+        """
+        tty mode: the pty master, once runc sends it over the console
+        socket, is the only output stream (C{stdout}) and the stdin.
+        """
+        stream = OutputStream(
+            self.reactor, self.reactor, "stdout", -1, self.containerLog, self.config.stallTimeout, eioIsEOF=True
+        )
+        if engineOut is not None:
+            stream.addSink(engineOut, "engine stdout FIFO")
+        if engineErr is not None:
+            engineErr.loseConnection()  # no stderr stream in tty mode: end of file now
+        self.streams.append(stream)
+        self.stdin = StdinPipe(self.reactor, self.reactor, None, waitForTarget=True)
+        if engineIn is not None:
+            # A terminal has no end of file (^D is data): the engine closing
+            # its FIFO (a detached client) leaves the input open for attach.
+            stdin = self.stdin
+            reader = ReadPipe(self.reactor, engineIn, stdin.write, lambda reason: stdin.removeSource(reader))
+            self._engineStdin = reader
+            stdin.addSource(reader)
+        resizeFifo = state.resize_fifo
+        if resizeFifo and not os.path.isabs(resizeFifo):
+            resizeFifo = self.path(resizeFifo)
+        try:
+            self.terminal = Terminal(self.reactor, self.reactor, stream, self.stdin, resizeFifo)
+        except ConsoleError as e:
+            raise ShimError(str(e)) from e
 
     def _startAttach(self, state: ProcessState) -> None:
         """Listen on the attach socket, if process.json names one (attach issue)."""
@@ -283,17 +318,29 @@ class ShimService(service.MultiService):
     async def _createProcess(self, state: ProcessState) -> int:
         assert self.runc is not None
         pidFile = self.path("pid")
-        inR, outW, errW = self._containerSide
-        fds = {0: inR, 1: outW, 2: errW}
+        console = None
+        fds: dict[int, object]
+        if self.terminal is not None:
+            # B12: runc never gets the shim's stdio; its stderr is kept for
+            # error messages (runc init does not inherit it in tty mode).
+            console = self.terminal.socketPath
+            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            self._containerSide = [devnull]
+            fds = {0: devnull, 1: devnull, 2: "r"}
+        else:
+            inR, outW, errW = self._containerSide
+            fds = {0: inR, 1: outW, 2: errW}
         if state.exec:
             argv = self.runc.execArgs(
-                self.config.containerId, self.path("process.json"), pidFile, cwd=state.cwd
+                self.config.containerId, self.path("process.json"), pidFile, cwd=state.cwd,
+                consoleSocket=console,
             )
         else:
             argv = self.runc.createArgs(
                 self.config.containerId,
                 self.config.bundle,
                 pidFile,
+                consoleSocket=console,
                 systemdCgroup=state.systemd_cgroup,
                 noPivot=state.no_pivot_root,
             )
@@ -303,6 +350,11 @@ class ShimService(service.MultiService):
             for fd in self._containerSide:
                 os.close(fd)
             self._containerSide = []
+        if self.terminal is not None:
+            try:
+                await self.terminal.receive()
+            except ConsoleError as e:
+                raise ShimError(str(e)) from e
         pid = self._readPid(pidFile)
         self._watcher = ExitWatcher(self.reactor, pid)
         if not state.open_stdin and self._engineStdin is None and self.stdin is not None:
@@ -389,6 +441,8 @@ class ShimService(service.MultiService):
         self._containerSide = []
         for stream in self.streams:
             stream.reader.close()
+        if self.terminal is not None:
+            self.terminal.close()
         if self._engineStdin is not None:
             self._engineStdin.close()
         if self.containerLog is not None:

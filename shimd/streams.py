@@ -17,6 +17,7 @@ The policy for output sinks (engine FIFOs, attach sessions):
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -26,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from shimd.fdio import ReadPipe, WritePipe
+from shimd.fdio import ReadPipe, WritePipe, setNonBlocking
 
 
 class StreamLog(Protocol):
@@ -62,6 +63,9 @@ class OutputStream:
     @ivar name: C{"stdout"} or C{"stderr"}: the stream name in the log.
     @ivar ended: fires when the container's side reached end of file (or
         the stream was closed).
+
+    With C{fd=-1} the stream exists (sinks can be added) before its
+    descriptor does; L{setSource} gives it one (the pty master).
     """
 
     _log = Logger()
@@ -89,7 +93,16 @@ class OutputStream:
         self._finished = False
         self.ended: Deferred[None] = Deferred()
         self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF)
-        self.reader.startReading()
+        if fd >= 0:
+            self.reader.startReading()
+
+    def setSource(self, fd: int) -> None:
+        """Start reading C{fd}, for a stream made with C{fd=-1}."""
+        assert self.reader.fd < 0 and not self.ended.called
+        setNonBlocking(fd)
+        self.reader.fd = fd
+        if not self._paused:
+            self.reader.startReading()
 
     # -- sinks ---------------------------------------------------------
 
@@ -261,17 +274,38 @@ class StdinPipe:
     queue is full, every source stops reading (backpressure to whoever
     writes to it); when it drains, they resume.  If the container closes its
     stdin, input is discarded.
+
+    With C{fd=None} and C{waitForTarget}, sources are paused until
+    L{setTarget} gives the container's stdin (the pty master comes late).
     """
 
     _log = Logger()
 
-    def __init__(self, reactor: IReactorFDSet, clock: IReactorTime, fd: int | None) -> None:
+    def __init__(
+        self, reactor: IReactorFDSet, clock: IReactorTime, fd: int | None, waitForTarget: bool = False
+    ) -> None:
+        self._reactor = reactor
+        self._clock = clock
         self._sources: set[ReadPipe] = set()
-        self._paused = False
+        self._paused = waitForTarget and fd is None
+        self._closed = False
         self.writer: WritePipe | None = None
         if fd is not None:
-            self.writer = WritePipe(reactor, fd, clock, lost=self._writerLost)
-            self.writer.registerProducer(self, True)
+            self.setTarget(fd)
+
+    def setTarget(self, fd: int, watchReader: bool = True) -> None:
+        """
+        Write to C{fd} from now on (it is closed with the writer).
+
+        @param watchReader: C{False} for a pty master, which is readable
+            whenever the container wrote output.
+        """
+        if self._closed:
+            os.close(fd)
+            return
+        self.writer = WritePipe(self._reactor, fd, self._clock, lost=self._writerLost, watchReader=watchReader)
+        self.writer.registerProducer(self, True)
+        self.resumeProducing()
 
     def addSource(self, reader: ReadPipe) -> None:
         self._sources.add(reader)
@@ -287,6 +321,7 @@ class StdinPipe:
 
     def close(self) -> None:
         """End of input: flush what is queued, then close the container's stdin."""
+        self._closed = True
         if self.writer is not None:
             writer, self.writer = self.writer, None
             if writer.producer is not None:

@@ -1,0 +1,429 @@
+# -*- test-case-name: tests.test_console -*-
+"""
+Terminal containers: the console socket, the pty master and its window size.
+
+With C{terminal: true} runc allocates the pty inside the container and sends
+its master to the shim over a unix socket (C{--console-socket}): one message
+whose C{SCM_RIGHTS} carries the fd, while C{runc create} (or C{exec}) is
+still running (spec 5.3).  From then on:
+
+ - the master is the container's only output stream, named C{stdout} (a pty
+   merges what the process writes to its stdout and stderr);
+ - reading it gives C{EIO} once the container's last slave fd is closed:
+   that is end of file, after everything buffered was read (field case C8);
+ - input (the engine's stdin FIFO, attach sessions) is written to a C{dup}
+   of the master, so a failed write closes only the duplicate: closing the
+   master itself would hang up the container's terminal (iSulad bug B23);
+ - window sizes arrive on the resize FIFO as C{"<width> <height>"}
+   (iSulad's exec resize; accepted for create too) or from attach clients,
+   and are applied with C{TIOCSWINSZ}; a size that arrives before the master
+   is applied when it arrives.  The initial size is the OCI process's
+   C{consoleSize}, which runc applies before the process starts.
+
+No pty fd stays open in the shim once the process is gone: the output
+reader closes the master at end of file (or when the drain gives up), and
+the input duplicate is closed with it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import tempfile
+import termios
+from typing import Callable
+
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IFileDescriptorReceiver,
+    IListeningPort,
+    IReactorFDSet,
+    IReactorTime,
+    IReactorUNIX,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from shimd.fdio import ReadPipe, openFifo
+from shimd.streams import OutputStream, StdinPipe
+
+MAX_DIMENSION = 65535
+"""Rows and columns are C{unsigned short} in C{struct winsize}."""
+
+RECEIVE_GRACE = 2.0
+"""Seconds to wait for the master once the runtime has exited successfully."""
+
+_log = Logger()
+
+
+class ConsoleError(Exception):
+    """The terminal did not arrive, or was not a terminal; C{str()} says why."""
+
+
+def setWindowSize(fd: int, width: int, height: int) -> None:
+    """C{TIOCSWINSZ} on C{fd}: C{height} rows of C{width} columns."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+def getWindowSize(fd: int) -> tuple[int, int]:
+    """C{TIOCGWINSZ} on C{fd}: C{(width, height)}."""
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    return cols, rows
+
+
+# -- the console socket -------------------------------------------------------
+
+
+@implementer(IFileDescriptorReceiver)
+class _ConsoleProtocol(Protocol):
+    """
+    One connection from the runtime.  Twisted hands over the fds of a
+    message before its data (the master's file name, of no use to us).
+    """
+
+    factory: ConsoleSocket
+
+    def __init__(self) -> None:
+        self._got = False
+
+    def fileDescriptorReceived(self, fd: int) -> None:
+        # Twisted's recvmsg does not ask for MSG_CMSG_CLOEXEC (B24).
+        os.set_inheritable(fd, False)
+        if self._got:
+            _log.warn("console socket: closed an extra fd {fd} from the runtime", fd=fd)
+            os.close(fd)
+            return
+        self._got = True
+        self.factory._received(fd)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if not self._got:
+            self.factory._failed("the runtime closed the console socket without sending a terminal")
+
+
+class ConsoleSocket(Factory):
+    """
+    A one-shot listener for the runtime's C{--console-socket}.
+
+    The socket lives in a private directory (mode 0700; the socket itself
+    0600) with a short path, C{/run/shimd-XXXXXXXX/pty.sock}, well under the
+    107 bytes of C{sun_path}.  It is removed as soon as a connection was
+    handled, and by L{close}.
+
+    @ivar path: the socket's path, once L{listen} was called.
+    """
+
+    protocol = _ConsoleProtocol
+    noisy = False
+
+    def __init__(self, reactor: IReactorUNIX, directory: str | None = None) -> None:
+        self._reactor = reactor
+        self._parent = directory
+        self._dir: str | None = None
+        self._port: IListeningPort | None = None
+        self.path: str | None = None
+        self._fd: int | None = None
+        self._error: str | None = None
+        self._done = False
+        self._waiting: list[Deferred[int]] = []
+
+    def listen(self) -> str:
+        """Start listening; return the path to give the runtime."""
+        parent = self._parent
+        if parent is None:
+            parent = "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+        self._dir = tempfile.mkdtemp(prefix="shimd-", dir=parent)
+        self.path = os.path.join(self._dir, "pty.sock")
+        try:
+            self._port = self._reactor.listenUNIX(self.path, self, backlog=2, mode=0o600)
+        except CannotListenError as e:
+            self._removeSocket()
+            raise ConsoleError(f"cannot listen on the console socket {self.path}: {e.socketError}") from e
+        return self.path
+
+    def receive(self) -> Deferred[int]:
+        """
+        Fire with the master fd (the caller owns it from then on), or fail
+        with L{ConsoleError}.  Only one caller gets the fd.
+        """
+
+        def cancel(d: Deferred[int]) -> None:
+            if d in self._waiting:
+                self._waiting.remove(d)
+
+        d: Deferred[int] = Deferred(cancel)
+        self._waiting.append(d)
+        self._deliver()
+        return d
+
+    def _received(self, fd: int) -> None:
+        if self._done:
+            os.close(fd)
+            return
+        self._done = True
+        if os.isatty(fd):
+            self._fd = fd
+        else:
+            os.close(fd)
+            self._error = "the runtime sent a file that is not a terminal over the console socket"
+        self._stopListening()
+        self._deliver()
+
+    def _failed(self, why: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._error = why
+        self._stopListening()
+        self._deliver()
+
+    def _deliver(self) -> None:
+        while self._waiting and (self._fd is not None or self._error is not None):
+            d = self._waiting.pop(0)
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                d.callback(fd)
+            else:
+                d.errback(ConsoleError(self._error))
+
+    def _stopListening(self) -> None:
+        if self._port is None:
+            return
+        port, self._port = self._port, None
+        # The port closes and unlinks the socket on the next turn of the
+        # reactor (now, at exit too); the directory goes after it.
+        maybeDeferred(port.stopListening).addBoth(lambda _: self._removeSocket())
+
+    def _removeSocket(self) -> None:
+        for remove, path in ((os.unlink, self.path), (os.rmdir, self._dir)):
+            if path is None:
+                continue
+            try:
+                remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                _log.warn("console socket: cannot remove {path}: {e}", path=path, e=e)
+        self._dir = None
+
+    def close(self) -> None:
+        """Stop listening, remove the socket, close a master nobody took."""
+        self._done = True
+        self._stopListening()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._error = self._error or "the console socket was closed"
+        self._deliver()
+
+
+# -- window size --------------------------------------------------------------
+
+
+def parseResize(data: bytes) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """
+    Parse one read of the resize FIFO.
+
+    Each line (iSulad writes none; a trailing newline is harmless) must be
+    C{"<width> <height>"}, two decimal numbers in 0..65535.  Anything else
+    is rejected as a whole, including coalesced messages such as
+    C{"80 2490 30"} (C{"80 24"} then C{"90 30"}, written without a
+    separator): they cannot be split back into sizes, and guessing would
+    set a wrong one.
+
+    @return: the valid C{(width, height)} pairs in order, and the rejected
+        lines.
+    """
+    sizes: list[tuple[int, int]] = []
+    rejected: list[bytes] = []
+    for line in data.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        values = [_dimension(w) for w in words]
+        if len(values) == 2 and values[0] is not None and values[1] is not None:
+            sizes.append((values[0], values[1]))
+        else:
+            rejected.append(line)
+    return sizes, rejected
+
+
+def _dimension(word: bytes) -> int | None:
+    digits = word.lstrip(b"0") or b"0"
+    if not word.isdigit() or len(digits) > 5:
+        return None
+    value = int(digits)
+    return value if value <= MAX_DIMENSION else None
+
+
+class WindowSize:
+    """
+    The pty's window size: applied to the master, or kept (the latest one)
+    until the master arrives.  Failures are logged; they never stop IO.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._pending: tuple[int, int] | None = None
+        self._gone = False
+
+    def resize(self, width: int, height: int) -> None:
+        if self._fd is None:
+            if self._gone:
+                _log.debug("resize to {w}x{h} after the terminal closed: ignored", w=width, h=height)
+            else:
+                self._pending = (width, height)
+            return
+        try:
+            setWindowSize(self._fd, width, height)
+        except OSError as e:
+            _log.warn("cannot resize the terminal to {w}x{h}: {e}", w=width, h=height, e=e)
+        else:
+            _log.debug("terminal resized to {w}x{h}", w=width, h=height)
+
+    def setMaster(self, fd: int) -> None:
+        """The master is here: apply the size that arrived before it, if any."""
+        self._fd = fd
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.resize(*pending)
+
+    def masterGone(self) -> None:
+        """The master is closed (its fd number may be reused): never touch it again."""
+        self._fd = None
+        self._pending = None
+        self._gone = True
+
+
+class ResizeFifo:
+    """
+    Reads C{"<width> <height>"} messages from the resize FIFO (spec 4.5).
+
+    A write end is held for the shim's lifetime (as iSulad does) so that the
+    FIFO never reports a hang-up between two writers.  Bad messages are
+    logged and ignored; nothing here can stop IO (iSulad bug B6).
+    """
+
+    def __init__(self, reactor: IReactorFDSet, path: str, resize: Callable[[int, int], object]) -> None:
+        self.path = path
+        self._resize = resize
+        self._closing = False
+        fd = openFifo(path, os.O_RDONLY)
+        try:
+            self._writeEnd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            raise
+        self.reader = ReadPipe(reactor, fd, self._dataReceived, self._ended)
+        self.reader.startReading()
+
+    def _dataReceived(self, data: bytes) -> None:
+        sizes, rejected = parseResize(data)
+        for line in rejected:
+            _log.warn(
+                "resize FIFO: ignored {msg!r}: expected '<width> <height>' in 0..{max}",
+                msg=line[:80].decode("ascii", "backslashreplace"),
+                max=MAX_DIMENSION,
+            )
+        for width, height in sizes:
+            self._resize(width, height)
+
+    def _ended(self, reason: Failure) -> None:
+        if not self._closing:
+            _log.warn("resize FIFO {path} failed ({why}); resizing stops", path=self.path,
+                      why=reason.getErrorMessage())
+
+    def close(self) -> None:
+        self._closing = True
+        self.reader.close()
+        if self._writeEnd >= 0:
+            os.close(self._writeEnd)
+            self._writeEnd = -1
+
+
+# -- the terminal as a whole ------------------------------------------------------
+
+
+class Terminal:
+    """
+    A terminal container's IO from the shim's side: listens on the console
+    socket, and once the master arrives makes it the source of C{stream}
+    and the target of C{stdin}, and applies window sizes to it.
+
+    @ivar console: the L{ConsoleSocket} (its C{path} goes to the runtime).
+    @ivar size: the L{WindowSize}; attach clients may call C{size.resize}.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorUNIX,
+        clock: IReactorTime,
+        stream: OutputStream,
+        stdin: StdinPipe,
+        resizeFifo: str | None = None,
+        socketDirectory: str | None = None,
+    ) -> None:
+        self._clock = clock
+        self._stream = stream
+        self._stdin = stdin
+        self.size = WindowSize()
+        self.console = ConsoleSocket(reactor, socketDirectory)
+        self.console.listen()
+        self._fifo: ResizeFifo | None = None
+        if resizeFifo:
+            try:
+                self._fifo = ResizeFifo(reactor, resizeFifo, self.size.resize)  # type: ignore[arg-type]
+            except OSError as e:
+                _log.warn("cannot open the resize FIFO {path} ({e}); resizing is off", path=resizeFifo, e=e)
+
+    @property
+    def socketPath(self) -> str:
+        assert self.console.path is not None
+        return self.console.path
+
+    def receive(self, grace: float = RECEIVE_GRACE) -> Deferred[None]:
+        """
+        Call once the runtime has exited successfully: fires when the master
+        is connected, or fails with L{ConsoleError} if it did not come
+        within C{grace} seconds.
+        """
+
+        def timedOut(failure: Failure) -> None:
+            failure.trap(TimeoutError)
+            raise ConsoleError(
+                f"the runtime exited without sending a terminal over the console socket within {grace:g}s"
+            )
+
+        d = self.console.receive()
+        d.addTimeout(grace, self._clock)
+        d.addErrback(timedOut)
+        d.addCallback(self._connect)
+        return d
+
+    def _connect(self, master: int) -> None:
+        self.size.setMaster(master)
+        self._stream.setSource(master)
+        self._stream.ended.addBoth(self._masterClosed)
+        self._stdin.setTarget(os.dup(master), watchReader=False)
+
+    def _masterClosed(self, result: object) -> object:
+        self.size.masterGone()
+        # The duplicate used for input goes with it, queued input or not.
+        if self._stdin.writer is not None:
+            self._stdin.writer.abort()
+        return result
+
+    def close(self) -> None:
+        """Close the socket, the resize FIFO and the input duplicate."""
+        self.console.close()
+        if self._fifo is not None:
+            self._fifo.close()
+        self._masterClosed(None)
