@@ -199,8 +199,17 @@ class ConsoleSocket(Factory):
             return
         port, self._port = self._port, None
         # The port closes and unlinks the socket on the next turn of the
-        # reactor (now, at exit too); the directory goes after it.
-        maybeDeferred(port.stopListening).addBoth(lambda _: self._removeSocket())
+        # reactor, the directory goes after it; a reactor that is stopping
+        # waits for that.
+        done = maybeDeferred(port.stopListening).addBoth(lambda _: self._removeSocket())
+        fired = []
+
+        def beforeShutdown() -> Deferred[None]:
+            fired.append(True)
+            return done
+
+        trigger = self._reactor.addSystemEventTrigger("before", "shutdown", beforeShutdown)  # type: ignore[attr-defined]
+        done.addBoth(lambda _: None if fired else self._reactor.removeSystemEventTrigger(trigger))  # type: ignore[attr-defined]
 
     def _removeSocket(self) -> None:
         for remove, path in ((os.unlink, self.path), (os.rmdir, self._dir)):

@@ -87,6 +87,13 @@ class Container:
         finally:
             self.closeStdin()
 
+    def resize(self, width: int, height: int) -> None:
+        """Resize the terminal as iSulad does: one non-blocking write to the resize FIFO."""
+        from shimd.localterm import writeResize
+
+        if not writeResize(self.process["resizeFifo"], width, height):
+            raise EngineError(f"cannot write to the resize FIFO of {self.id}")
+
     def writeStdin(self, data: bytes) -> None:
         fd = self.fds["stdin"]
         view = memoryview(data)
@@ -140,20 +147,32 @@ class Engine:
         logMaxfile: int = 0,
         attach: bool = True,
         extra: dict[str, Any] | None = None,
+        terminal: bool | None = None,
+        consoleSize: tuple[int, int] | None = None,
+        resize: bool = False,
     ) -> Container:
         """
         Make the workdir, FIFOs and process.json, and open the engine's ends.
 
         @param args: replaces the bundle's process args (a private copy of the
             bundle's config.json is written in the workdir).
+        @param terminal: replaces the bundle's C{process.terminal} (likewise).
+        @param consoleSize: C{(height, width)}: replaces C{process.consoleSize}.
+        @param resize: make C{resize_fifo} and name it in process.json
+            (iSulad does so for an exec; the shim accepts it for create).
         """
         cid = containerId or "s" + secrets.token_hex(6)
         workdir = os.path.join(self.stateRoot, os.path.basename(self.runtime), cid)
         os.makedirs(workdir, mode=0o700)
         with open(os.path.join(bundle, "config.json")) as f:
             config = json.load(f)
-        if args is not None:
-            config["process"]["args"] = list(args)
+        if args is not None or terminal is not None or consoleSize is not None:
+            if args is not None:
+                config["process"]["args"] = list(args)
+            if terminal is not None:
+                config["process"]["terminal"] = terminal
+            if consoleSize is not None:
+                config["process"]["consoleSize"] = {"height": consoleSize[0], "width": consoleSize[1]}
             rootPath = config["root"]["path"]
             if not os.path.isabs(rootPath):
                 config["root"]["path"] = os.path.join(os.path.abspath(bundle), rootPath)
@@ -181,6 +200,8 @@ class Engine:
                 process["logMaxfile"] = logMaxfile
         if attach:
             process["attach_socket"] = c.path("attach.sock")
+        if resize:
+            process["resizeFifo"] = _mkfifo(c.path("resize_fifo"))
         process.update(extra or {})
         self._writeProcess(c)
         return c

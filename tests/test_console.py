@@ -32,6 +32,7 @@ from shimd.console import (
     parseResize,
     setWindowSize,
 )
+from shimd.localterm import writeResize
 from shimd.streams import OutputStream, StdinPipe
 from tests.test_streams import _close as _closeQuietly
 
@@ -175,6 +176,18 @@ class ResizeFifoTests(SynchronousTestCase):
         before = openFds()
         self.fifo.close()
         self.assertEqual(len(before - openFds()), 2)
+
+    def test_writeResize(self) -> None:
+        """The client side (shimd attach, shimd run -t) writes what the shim reads."""
+        self.assertTrue(writeResize(self.path, 80, 24))
+        self.fifo.reader.doRead()
+        self.assertEqual(self.sizes, [(80, 24)])
+
+    def test_writeResizeNoReader(self) -> None:
+        other = self.path + "2"
+        os.mkfifo(other, 0o600)
+        self.assertFalse(writeResize(other, 80, 24))
+        self.assertFalse(writeResize(self.path + ".missing", 80, 24))
 
 
 class ConsoleSocketTests(TestCase):
