@@ -12,6 +12,7 @@ Command-line front ends.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -86,17 +87,25 @@ def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
 def _run(opts: argparse.Namespace) -> int:
     from shimd.bundle import ensureDemoBundle
     from shimd.engine import Engine, EngineError
+    from shimd.localterm import localTerminal, windowSize
 
     bundle = opts.bundle or ensureDemoBundle()
     command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
     engine = Engine(stateRoot=opts.state_root, runtime=opts.runtime)
+    # -t at a terminal: raw mode, our size, and our keys go in (-i implied).
+    localTty = opts.tty and os.isatty(0)
+    interactive = opts.interactive or localTty
+    size = windowSize(0) if localTty else None
     c = engine.prepare(
         bundle,
         args=command or None,
         containerId=opts.id,
-        stdin=opts.interactive,
+        stdin=interactive,
         logMaxsize=opts.log_max_size,
         logMaxfile=opts.log_max_file,
+        terminal=True if opts.tty else None,
+        consoleSize=(size[1], size[0]) if size else None,
+        resize=opts.tty,
     )
     out = sys.stdout.buffer
     err = sys.stderr.buffer
@@ -106,19 +115,25 @@ def _run(opts: argparse.Namespace) -> int:
         stream.write(data)
         stream.flush()
 
+    terminal = contextlib.ExitStack()  # restored before any message
     try:
         engine.create(c, detach=True)
+        if localTty:
+            terminal.enter_context(localTerminal(0, c.process["resizeFifo"]))
         engine.start(c)
-        if opts.interactive:
+        if interactive:
             threading.Thread(target=_copyStdin, args=(c,), daemon=True).start()
         _, _, status = engine.collect(c, timeout=FOREVER, onOutput=onOutput)
     except EngineError as e:
+        terminal.close()
         sys.stderr.write(f"shimd: {e}\n")
         engine.close(c, remove=True)
         return 125
     except KeyboardInterrupt:
+        terminal.close()
         sys.stderr.write(f"\nshimd: the container keeps running; its workdir is {c.workdir}\n")
         return 130
+    terminal.close()
     engine.close(c, remove=not opts.keep)
     return status
 
@@ -192,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--state-root", default=DEFAULT_STATE_ROOT, help="where workdirs go")
     run.add_argument("--runtime", default="runc", help="OCI runtime command")
     run.add_argument("-i", "--interactive", action="store_true", help="copy stdin to the container")
+    run.add_argument("-t", "--tty", action="store_true",
+                     help="give the container a terminal (at a terminal: raw mode, -i implied)")
     run.add_argument("--log-max-size", type=int, default=0, help="json-file log: bytes per file")
     run.add_argument("--log-max-file", type=int, default=0, help="json-file log: files kept")
     run.add_argument("--keep", action="store_true", help="keep the workdir after the exit")

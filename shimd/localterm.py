@@ -24,8 +24,9 @@ import signal
 import struct
 import termios
 import tty
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def rawTerminal(fd: int) -> Callable[[], None]:
@@ -111,3 +112,22 @@ class WindowSizeForwarder:
         if self._previous is not None:
             signal.signal(signal.SIGWINCH, self._previous)
             self._previous = None
+
+
+@contextmanager
+def localTerminal(fd: int, resizeFifo: str | None) -> Iterator[None]:
+    """
+    The local terminal C{fd} in raw mode, its size sent to C{resizeFifo}
+    (if any) now and on every change; all undone on exit.
+    """
+    restore = rawTerminal(fd)
+    forwarder = None
+    try:
+        if resizeFifo:
+            forwarder = WindowSizeForwarder(fd, lambda width, height: writeResize(resizeFifo, width, height))
+            forwarder.start()
+        yield
+    finally:
+        if forwarder is not None:
+            forwarder.stop()
+        restore()
