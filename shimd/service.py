@@ -30,6 +30,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 
+from shimd.attach import AttachServer, startAttachServer
 from shimd.config import ConfigError, ProcessState, loadProcessState
 from shimd.console import ConsoleError, Terminal
 from shimd.fdio import ReadPipe, WritePipe, openFifo
@@ -65,6 +66,8 @@ class ShimConfig:
         produced a pid within this many seconds.
     @ivar statusFd: where to write the 4-byte status besides the exit FIFO
         (isulad-shim: 1, its stdout), or L{None}.
+    @ivar detachKeys: attach sessions' default detach keys (Docker syntax;
+        C{""} disables detaching).
     """
 
     workdir: str
@@ -77,6 +80,7 @@ class ShimConfig:
     stallTimeout: float = 10.0
     startTimeout: float = 120.0
     statusFd: int | None = None
+    detachKeys: str = "ctrl-q"
 
 
 def runtimeName(command: str, state: ProcessState) -> str:
@@ -123,6 +127,7 @@ class ShimService(service.MultiService):
         self._engineStdin: ReadPipe | None = None
         self._exitFifo: int | None = None
         self._containerSide: list[int] = []
+        self._attach: AttachServer | None = None
         self._watcher: ExitWatcher | None = None
         self._timedOut = False
         self.terminal: Terminal | None = None
@@ -294,9 +299,17 @@ class ShimService(service.MultiService):
 
     def _startAttach(self, state: ProcessState) -> None:
         """Listen on the attach socket, if process.json names one (attach issue)."""
+        if state.attach_socket:
+            self._attach = startAttachServer(
+                self.reactor, self.config.workdir, state.attach_socket,
+                {s.name: s for s in self.streams}, self.stdin,
+                detachKeys=self.config.detachKeys, stallTimeout=self.config.stallTimeout,
+            )
 
     def _stopAttach(self) -> None:
         """Stop listening and end every attach session (after the output is flushed)."""
+        if self._attach is not None:
+            self._attach.stop()
 
     def _openEngineWriter(self, path: str | None, name: str) -> WritePipe | None:
         if not path or not os.path.exists(path):

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from shimd.attach import parseDetachKeys
 from shimd.service import ShimConfig, ShimService
 
 
@@ -30,6 +31,7 @@ class Options(usage.Options):
         ["drain-timeout", None, 2.0, "Idle seconds to wait for output after exit.", float],
         ["stall-timeout", None, 10.0, "Drop a reader with no progress for this long.", float],
         ["start-timeout", None, 120.0, "Give up if the runtime has no process by then.", float],
+        ["detach-keys", None, "ctrl-q", "Attach sessions' default detach keys ('' disables)."],
     ]
     optFlags = [
         ["start", None, "Start the container (runc start) once it is created."],
@@ -41,6 +43,10 @@ class Options(usage.Options):
             if not self[required]:
                 raise usage.UsageError(f"--{required} is required")
         self["workdir"] = os.path.abspath(self["workdir"])
+        try:
+            parseDetachKeys(self["detach-keys"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if not os.path.isfile(os.path.join(self["workdir"], "process.json")):
             raise usage.UsageError(f"no process.json in {self['workdir']}")
 
@@ -56,6 +62,7 @@ def configFromOptions(options: Options) -> ShimConfig:
         drainTimeout=options["drain-timeout"],
         stallTimeout=options["stall-timeout"],
         startTimeout=options["start-timeout"],
+        detachKeys=options["detach-keys"],
     )
 
 

@@ -71,3 +71,29 @@ class StartGuardTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z",
                          "the hung runtime was not killed")
         self.assertFalse(os.path.exists(os.path.join(wd, "exit")))
+
+
+class DetachKeysOptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.wd = tempfile.mkdtemp()
+        with open(os.path.join(self.wd, "process.json"), "w") as f:
+            f.write('{"args":["true"],"cwd":"/"}')
+        self.addCleanup(os.rmdir, self.wd)
+        self.addCleanup(os.remove, os.path.join(self.wd, "process.json"))
+
+    def options(self, *extra: str) -> Options:
+        o = Options()
+        o.parseOptions(["--workdir", self.wd, "--id", "c1", "--bundle", "/b", *extra])
+        return o
+
+    def test_default(self) -> None:
+        self.assertEqual(configFromOptions(self.options()).detachKeys, "ctrl-q")
+
+    def test_given(self) -> None:
+        self.assertEqual(configFromOptions(self.options("--detach-keys", "ctrl-p,ctrl-q")).detachKeys, "ctrl-p,ctrl-q")
+        self.assertEqual(configFromOptions(self.options("--detach-keys", "")).detachKeys, "")
+
+    def test_invalid(self) -> None:
+        with self.assertRaises(usage.UsageError) as e:
+            self.options("--detach-keys", "ctrl-1")
+        self.assertIn("invalid detach keys", str(e.exception))
