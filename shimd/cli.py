@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("-t", "--tty", action="store_true", help="give the process a terminal")
     ex.add_argument("--timeout", type=int, default=0, help="kill the process after N seconds")
     ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    at = sub.add_parser("attach", help="attach to a running container's stdio through its shim")
+    at.add_argument("workdir", help="the container's workdir")
+    at.add_argument("--detach-keys", help="e.g. ctrl-p,ctrl-q ('' disables; default: the shim's)")
+    at.add_argument("--no-stdin", action="store_true", help="do not attach stdin")
     opts = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.stderr.write("shimd: runc needs root; run as root\n")
@@ -228,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(opts)
     if opts.verb == "exec":
         return _exec(opts)
+    if opts.verb == "attach":
+        from shimd.client import runAttach
+
+        return runAttach(opts.workdir, opts.detach_keys, attachStdin=not opts.no_stdin)
     return 2
 
 
