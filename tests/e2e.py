@@ -136,3 +136,131 @@ def runShimIn(workdir: str, argv: list[str], timeout: float = 60) -> subprocess.
     return subprocess.run(
         [os.path.join(BIN, "isulad-shim"), *argv], cwd=workdir, capture_output=True, timeout=timeout
     )
+
+
+def sendAttachRequest(
+    socketPath: str, message: bytes, timeout: float = 10.0, halfClose: bool = False
+) -> int:
+    """
+    Send one attach request as iSulad does (one write, no terminator) and
+    read the shim's native-endian C{int} reply, synchronously.
+    """
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socketPath)
+        s.sendall(message)
+        if halfClose:
+            s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while len(reply) < 4:
+            more = s.recv(4 - len(reply))
+            if not more:
+                raise EOFError(f"the shim closed the connection after {reply!r}")
+            reply += more
+    return struct.unpack("=i", reply)[0]
+
+
+class AttachClient:
+    """
+    A synchronous attach client that makes its FIFOs as iSulad's daemon
+    does: under C{<workdir>/attach/<random>/}, mode 0600, its own ends
+    opened first (out and err read-only, in read-write, all non-blocking).
+    """
+
+    NAMES = {"stdin": "in-fifo", "stdout": "out-fifo", "stderr": "err-fifo"}
+
+    def __init__(self, workdir: str, stdin: bool = True, stdout: bool = True, stderr: bool = True) -> None:
+        base = os.path.join(workdir, "attach")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        self.workdir = workdir
+        self.dir = tempfile.mkdtemp(dir=base)
+        self.paths: dict[str, str] = {}
+        self.fds: dict[str, int] = {}
+        self.received = {"stdout": bytearray(), "stderr": bytearray()}
+        self.ended: set[str] = set()
+        for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+            if wanted:
+                path = os.path.join(self.dir, self.NAMES[name])
+                os.mkfifo(path, 0o600)
+                os.chmod(path, 0o600)
+                self.paths[name] = path
+                flags = os.O_RDWR if name == "stdin" else os.O_RDONLY
+                self.fds[name] = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def socketPath(self) -> str:
+        return os.path.join(self.workdir, "attach.sock")
+
+    def textMessage(self) -> bytes:
+        return " ".join(self.paths.get(n, "(null)") for n in self.NAMES).encode()
+
+    def jsonMessage(self, detachKeys: str | None = None) -> bytes:
+        message: dict[str, Any] = {n: self.paths.get(n) for n in self.NAMES}
+        if detachKeys is not None:
+            message["detachKeys"] = detachKeys
+        return json.dumps(message).encode()
+
+    def attach(self, detachKeys: str | None = None, message: bytes | None = None, timeout: float = 10.0) -> int:
+        """Request the session: the text form, or the JSON one with detach keys."""
+        if message is None:
+            message = self.textMessage() if detachKeys is None else self.jsonMessage(detachKeys)
+        return sendAttachRequest(self.socketPath, message, timeout)
+
+    def write(self, data: bytes) -> None:
+        import select
+
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fds["stdin"], view):]
+            except BlockingIOError:
+                select.select([], [self.fds["stdin"]], [], 1.0)
+
+    def pump(self, timeout: float) -> bool:
+        """Read what is there (waiting up to C{timeout}); False once all output ended."""
+        import select
+
+        fds = {self.fds[n]: n for n in ("stdout", "stderr") if n in self.fds and n not in self.ended}
+        if not fds:
+            return False
+        ready, _, _ = select.select(list(fds), [], [], timeout)
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if data:
+                self.received[fds[fd]] += data
+            else:
+                self.ended.add(fds[fd])
+        return True
+
+    def readUntil(self, expected: bytes, stream: str = "stdout", timeout: float = 10.0) -> bytes:
+        """Read until C{expected} has arrived on C{stream}; return all of it."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while expected not in self.received[stream]:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.pump(min(left, 0.5)) and expected not in self.received[stream]:
+                raise AssertionError(f"{expected!r} not received on {stream}: {bytes(self.received[stream][-200:])!r}")
+        return bytes(self.received[stream])
+
+    def readToEnd(self, timeout: float = 30.0) -> tuple[bytes, bytes]:
+        """Read until every output FIFO reaches end of file."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.pump(0.5):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no end of file within {timeout}s")
+        return bytes(self.received["stdout"]), bytes(self.received["stderr"])
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
