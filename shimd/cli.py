@@ -85,6 +85,7 @@ def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
 
 
 def _run(opts: argparse.Namespace) -> int:
+    from shimd.attach import DEFAULT_DETACH_KEYS, parseDetachKeys
     from shimd.bundle import ensureDemoBundle
     from shimd.engine import Engine, EngineError
     from shimd.localterm import localTerminal, windowSize
@@ -92,8 +93,15 @@ def _run(opts: argparse.Namespace) -> int:
     bundle = opts.bundle or ensureDemoBundle()
     command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
     engine = Engine(stateRoot=opts.state_root, runtime=opts.runtime)
-    # -t at a terminal: raw mode, our size, and our keys go in (-i implied).
+    # -t at a terminal: raw mode, our size, and our keys go in (-i implied),
+    # the detach keys too.
     localTty = opts.tty and os.isatty(0)
+    keys = DEFAULT_DETACH_KEYS if opts.detach_keys is None else opts.detach_keys
+    try:
+        detachKeys = parseDetachKeys(keys) if localTty else b""
+    except ValueError as e:
+        sys.stderr.write(f"shimd: {e}\n")
+        return 125
     interactive = opts.interactive or localTty
     size = windowSize(0) if localTty else None
     c = engine.prepare(
@@ -116,13 +124,15 @@ def _run(opts: argparse.Namespace) -> int:
         stream.flush()
 
     terminal = contextlib.ExitStack()  # restored before any message
+    detached = threading.Event()
     try:
         engine.create(c, detach=True)
         if localTty:
+            signal.signal(signal.SIGTERM, _interrupted)  # unwind: restore our terminal
             terminal.enter_context(localTerminal(0, c.process["resizeFifo"]))
         engine.start(c)
         if interactive:
-            threading.Thread(target=_copyStdin, args=(c,), daemon=True).start()
+            threading.Thread(target=_copyStdin, args=(c, detachKeys, detached), daemon=True).start()
         _, _, status = engine.collect(c, timeout=FOREVER, onOutput=onOutput)
     except EngineError as e:
         terminal.close()
@@ -131,6 +141,9 @@ def _run(opts: argparse.Namespace) -> int:
         return 125
     except KeyboardInterrupt:
         terminal.close()
+        if detached.is_set():
+            sys.stderr.write(f"\nshimd: detached; the container runs on: shimd attach {c.workdir}\n")
+            return 0
         sys.stderr.write(f"\nshimd: the container keeps running; its workdir is {c.workdir}\n")
         return 130
     terminal.close()
@@ -138,19 +151,37 @@ def _run(opts: argparse.Namespace) -> int:
     return status
 
 
-def _copyStdin(c: Any) -> None:
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _copyStdin(c: Any, detachKeys: bytes = b"", detached: threading.Event | None = None) -> None:
+    """
+    Copy our stdin to the container's; on the detach keys, stop and
+    interrupt the main thread (it leaves the container running).
+    """
+    from shimd.attach import DetachFilter
+
     fd = sys.stdin.fileno()
+    keys = DetachFilter(detachKeys)
     while True:
         try:
             data = os.read(fd, 65536)
         except OSError:
             data = b""
-        if not data:
-            c.closeStdin()
-            return
+        eof = not data
+        data, seen = (keys.flush(), False) if eof else keys.feed(data)
         try:
-            c.writeStdin(data)
+            if data:
+                c.writeStdin(data)
+            if eof:
+                c.closeStdin()
+                return
         except (OSError, KeyError):
+            return
+        if seen and detached is not None:
+            detached.set()
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
             return
 
 
@@ -209,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-i", "--interactive", action="store_true", help="copy stdin to the container")
     run.add_argument("-t", "--tty", action="store_true",
                      help="give the container a terminal (at a terminal: raw mode, -i implied)")
+    run.add_argument("--detach-keys",
+                     help="with -t at a terminal: leave the container running (default ctrl-q; '' disables)")
     run.add_argument("--log-max-size", type=int, default=0, help="json-file log: bytes per file")
     run.add_argument("--log-max-file", type=int, default=0, help="json-file log: files kept")
     run.add_argument("--keep", action="store_true", help="keep the workdir after the exit")

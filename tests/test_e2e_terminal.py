@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import stat
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from shimd.bundle import writeBundleConfig
 from shimd.engine import Container
 from tests import test_e2e_exec
-from tests.e2e import EngineMixin, parallel, readRecords, reassemble, repeat
+from tests.e2e import BIN, EngineMixin, parallel, readRecords, reassemble, repeat
 
 
 def ptyFds(pid: int) -> list[str]:
@@ -239,3 +241,83 @@ class TerminalExecTests(EngineMixin, TestCase):
             self.engine.close(e)
         self.assertRegex(out.decode(), r"^/dev/pts/\d+\r\n30 100\r\n$")
         self.assertEqual((err, status, code), (b"", 3, 0))
+
+
+class Tmux:
+    """A tmux server of our own (its own socket), one window running bash."""
+
+    def __init__(self, test: TestCase, width: int = 100, height: int = 30) -> None:
+        if not shutil.which("tmux"):
+            raise SkipTest("tmux is not installed")
+        self.socket = f"shimd-test-{os.getpid()}-{os.urandom(3).hex()}"
+        env = f"env -i PATH={BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin TERM=xterm HOME=/root"
+        self.tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
+                  f"{env} PS1='$ ' bash --norc --noprofile")
+        test.addCleanup(self.tmux, "kill-server")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    def line(self, text: str) -> None:
+        """Type C{text} and Enter."""
+        self.tmux("send-keys", "-t", "t", "-l", text)
+        self.tmux("send-keys", "-t", "t", "Enter")
+
+    def key(self, key: str) -> None:
+        self.tmux("send-keys", "-t", "t", key)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "t", "-S", "-100")
+
+    def waitFor(self, pattern: str, after: int = 0, timeout: float = 20.0) -> int:
+        """Wait until a line after line C{after} matches C{pattern}; return its number."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.screen().splitlines()
+            for i in range(after, len(lines)):
+                if re.search(pattern, lines[i]):
+                    return i + 1
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not on the screen:\n" + "\n".join(lines))
+            time.sleep(0.05)
+
+
+class InteractiveTests(TerminalMixin, TestCase):
+    """A person at a terminal, played through tmux."""
+
+    def setUp(self) -> None:
+        self.setUpTerminal()
+
+    def test_runDetachAttach(self) -> None:
+        """
+        shimd run -t: type, see the output, detach; shimd attach: type
+        exit 5, it exits 5; the terminal is as it was after each.
+        """
+        t = Tmux(self)
+        workdir = os.path.join(self.stateRoot, "runc", "tty1")
+        modes = os.path.join(self.stateRoot, "stty")
+        t.line(f"stty -a > {modes}.0")
+        t.line(f"shimd run -t --state-root {self.stateRoot} --id tty1 -- sh; echo run-rc=$?")
+        at = t.waitFor(r"^/ #\s*$")
+        t.line("echo hi; stty size")
+        at = t.waitFor(r"^hi\s*$", at)
+        t.waitFor(r"^30 100\s*$", at)
+        t.key("C-q")
+        at = t.waitFor(r"^run-rc=0$", at)
+        t.line(f"stty -a > {modes}.1")
+        t.line(f"shimd attach {workdir}; echo attach-rc=$?")
+        time.sleep(0.5)
+        t.line("echo again")
+        at = t.waitFor(r"^again\s*$", at)
+        t.line("exit 5")
+        t.waitFor(r"^attach-rc=5$", at)
+        t.line(f"stty -a > {modes}.2; echo saved")
+        t.waitFor(r"^saved$", at)
+        with open(f"{modes}.0") as f:
+            before = f.read()
+        for n in (1, 2):
+            with open(f"{modes}.{n}") as f:
+                self.assertEqual(f.read(), before, f"terminal modes changed after step {n}")
+        self.assertIn("icanon", before.split())
+        self.assertIn("echo", before.split())
