@@ -43,6 +43,9 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_TIMEOUT = 2
 
+CONTAINER_ACTIONS = {129: "reboot", 130: "shutdown"}
+"""Statuses (SIGHUP, SIGINT) that isulad-shim passes on as C{CONTAINER_ACTION}."""
+
 
 class ShimError(Exception):
     """A failure that ends the shim with exit code 1; C{str()} says why."""
@@ -208,6 +211,10 @@ class ShimService(service.MultiService):
 
         await self._drainOutput()
         self._stopAttach()
+        action = CONTAINER_ACTIONS.get(status)
+        if action is not None:
+            # As isulad-shim: runc kill/delete (and their hooks) see why it ended.
+            self.runc.env["CONTAINER_ACTION"] = action
         if not state.exec:
             await self._cleanupContainer()
         reapStrays(())

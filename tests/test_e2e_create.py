@@ -316,3 +316,28 @@ class GoneReaderTests(EngineMixin, TestCase):
                 self.assertIn("made no progress", f.read())
         finally:
             self.engine.close(c)
+
+
+class ContainerActionTests(EngineMixin, TestCase):
+    def setUp(self) -> None:
+        self.setUpEngine()
+
+    def test_sighupIsReboot(self) -> None:
+        """Status 129 (as for SIGHUP): runc kill/delete run with CONTAINER_ACTION=reboot."""
+        from tests.e2e import BIN
+
+        os.mkdir(os.path.join(self.stateRoot, "bin"))
+        spy = os.path.join(self.stateRoot, "bin", "runc-spy")
+        seen = os.path.join(self.stateRoot, "actions")
+        with open(spy, "w") as f:
+            f.write(f'#!/bin/sh\necho "$* ${{CONTAINER_ACTION:-none}}" >> {seen}\nexec runc "$@"\n')
+        os.chmod(spy, 0o755)
+        from shimd.engine import Engine
+
+        self.engine = Engine(stateRoot=self.stateRoot, runtime=spy)
+        r = self.runContainer(["sh", "-c", "exit 129"])  # init cannot die of an unhandled SIGHUP
+        self.assertEqual(r.status, 129)
+        with open(seen) as f:
+            lines = f.read().splitlines()
+        self.assertTrue(any(" create " in l and l.endswith(" none") for l in lines), lines)
+        self.assertTrue(any(" delete " in l and l.endswith(" reboot") for l in lines), lines)
