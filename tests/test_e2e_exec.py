@@ -7,6 +7,7 @@ laid out and spawned as iSulad does (exec workdir, process.json with
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import time
 
@@ -189,3 +190,54 @@ class ExecCommandTests(EngineMixin, TestCase):
             self.engine.runtimeCall(c, "kill", c.id, "KILL")
             self.engine.collect(c, timeout=30)
             self.engine.close(c)
+
+
+class TerminalExecTests(EngineMixin, TestCase):
+    """Issue 5 point 4: terminal execs use the console socket and resize_fifo; C8 for execs."""
+
+    def setUp(self) -> None:
+        self.setUpEngine()
+        self.c = self.engine.prepare(self.bundle, ["sleep", "1000"], stdout=False, stderr=False)
+        self.engine.create(self.c, detach=True)
+        self.engine.start(self.c)
+        self.addCleanup(self.stopContainer)
+
+    def stopContainer(self) -> None:
+        self.engine.runtimeCall(self.c, "kill", self.c.id, "KILL")
+        self.engine.collect(self.c, timeout=30)
+        self.engine.close(self.c)
+
+    def ttyExec(self, args: list[str], check: bool = False) -> tuple[bytes, int | None, int]:
+        e = self.engine.prepareExec(self.c, args, terminal=True, stderr=False)
+        try:
+            self.engine.spawnShim(e)
+            self.engine.waitPid(e)
+            out, _, _ = self.engine.collect(e, timeout=60)
+            if check:
+                # The process is gone and its output ended: the shim must hold no pty.
+                assert e.shim is not None
+                fds = os.listdir(f"/proc/{e.shim.pid}/fd")
+                links = [os.readlink(f"/proc/{e.shim.pid}/fd/{fd}") for fd in fds if os.path.exists(f"/proc/{e.shim.pid}/fd/{fd}")]
+                self.assertFalse([l for l in links if "ptmx" in l or "/dev/pts" in l], links)
+            code = self.engine.reapShim(e)
+            status = struct.unpack("=i", e.shimStatus)[0] if len(e.shimStatus) == 4 else None
+            return out, status, code
+        finally:
+            self.engine.close(e)
+
+    def test_foop(self) -> None:
+        out, status, code = self.ttyExec(["echo", "foop"], check=True)
+        self.assertEqual((out, status, code), (b"foop\r\n", 0, 0))
+
+    def test_isATerminal(self) -> None:
+        out, status, _ = self.ttyExec(["readlink", "/proc/self/fd/0"])
+        self.assertRegex(out.decode(), r"^/dev/pts/\d+\r\n$")
+        self.assertEqual(status, 0)
+
+    def test_largeOutput(self) -> None:
+        def one(i: int) -> None:
+            out, status, code = self.ttyExec(["sh", "-c", 'seq -s " " 1000000'])
+            self.assertEqual((status, code), (0, 0))
+            self.assertTrue(out.rstrip().endswith(b"999999 1000000"), out[-50:])
+
+        parallel(one, repeat(20))
