@@ -651,3 +651,10 @@ class ListenTests(SynchronousTestCase):
     def test_tooLong(self) -> None:
         self.assertFalse(self.server.listen("x" * 120))
         self.assertEqual(self.reactor.unixServers, [])
+
+    def test_bindFails(self) -> None:
+        """Something that is no socket in the way: logged, attach off, nothing removed."""
+        path = os.path.join(self.wd, "attach.sock")
+        os.mkdir(path)
+        self.assertFalse(self.server.listen(path))
+        self.assertTrue(os.path.isdir(path))
