@@ -69,12 +69,6 @@ def setWindowSize(fd: int, width: int, height: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
 
-def getWindowSize(fd: int) -> tuple[int, int]:
-    """C{TIOCGWINSZ} on C{fd}: C{(width, height)}."""
-    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
-    return cols, rows
-
-
 # -- the console socket -------------------------------------------------------
 
 
@@ -104,7 +98,7 @@ class _ConsoleProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: object = None) -> None:
         if not self._got:
             self.factory._failed("the runtime closed the console socket without sending a terminal")
 

@@ -28,11 +28,10 @@ from shimd.console import (
     ConsoleSocket,
     ResizeFifo,
     WindowSize,
-    getWindowSize,
     parseResize,
     setWindowSize,
 )
-from shimd.localterm import writeResize
+from shimd.localterm import windowSize, writeResize
 from shimd.streams import OutputStream, StdinPipe
 from tests.test_streams import _close as _closeQuietly
 
@@ -106,9 +105,9 @@ class WindowSizeTests(SynchronousTestCase):
         size = WindowSize()
         size.resize(100, 30)
         size.resize(200, 50)
-        self.assertEqual(getWindowSize(slave), (120, 40))
+        self.assertEqual(windowSize(slave), (120, 40))
         size.setMaster(master)
-        self.assertEqual(getWindowSize(slave), (200, 50))
+        self.assertEqual(windowSize(slave), (200, 50))
 
     def test_rowsAreHeight(self) -> None:
         master, slave = openPty(self)
@@ -123,7 +122,7 @@ class WindowSizeTests(SynchronousTestCase):
         master, slave = openPty(self)
         setWindowSize(master, 120, 40)
         WindowSize().setMaster(master)
-        self.assertEqual(getWindowSize(slave), (120, 40))
+        self.assertEqual(windowSize(slave), (120, 40))
 
     def test_ioctlFails(self) -> None:
         """A failing TIOCSWINSZ is logged, never raised."""
@@ -141,7 +140,7 @@ class WindowSizeTests(SynchronousTestCase):
         size.setMaster(master)
         size.masterGone()
         size.resize(10, 10)
-        self.assertNotEqual(getWindowSize(slave), (10, 10))
+        self.assertNotEqual(windowSize(slave), (10, 10))
 
 
 class ResizeFifoTests(SynchronousTestCase):
@@ -242,7 +241,7 @@ class ConsoleSocketTests(TestCase):
         self.assertTrue(os.isatty(fd))
         self.assertFalse(os.get_inheritable(fd), "FD_CLOEXEC must be set on the received fd")
         setWindowSize(fd, 200, 50)
-        self.assertEqual(getWindowSize(slave), (200, 50))
+        self.assertEqual(windowSize(slave), (200, 50))
         yield deferLater(reactor, 0.05, lambda: None)
         self.assertFalse(os.path.exists(self.path), "the socket is removed once used")
         self.assertFalse(os.path.exists(os.path.dirname(self.path)))

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from shimd.bundle import writeBundleConfig
 from shimd.engine import Container
 from tests import test_e2e_exec
-from tests.e2e import BIN, EngineMixin, parallel, readRecords, reassemble, repeat
+from tests.e2e import BIN, AttachClient, EngineMixin, parallel, readRecords, reassemble, repeat
 
 
 def ptyFds(pid: int) -> list[str]:
@@ -219,6 +219,41 @@ class TerminalTests(TerminalMixin, TestCase):
             self.assertIn(f"ignored '{bad}'", log)
 
 
+class TerminalAttachTests(TerminalMixin, TestCase):
+    """Attach sessions on a terminal container share its pty."""
+
+    def setUp(self) -> None:
+        self.setUpTerminal()
+
+    def test_sessionsShareTheTerminal(self) -> None:
+        c = self.engine.prepare(self.bundle, ["sh"], stdin=True)
+        try:
+            self.engine.create(c)
+            clients = [AttachClient(c.workdir), AttachClient(c.workdir)]
+            for client in clients:
+                self.addCleanup(client.close)
+                self.assertEqual(client.attach(), 0)
+            a, b = clients
+            self.engine.start(c)
+            a.readUntil(b"/ # ")
+            a.write(b"echo one\r")
+            for client in clients:
+                client.readUntil(b"one\r\n")
+            b.write(b"echo two; exit 7\r")
+            at: list[float] = []
+            out, err, status = self.engine.collect(c, timeout=30, onStatus=lambda *_: at.append(time.monotonic()))
+            self.assertEqual((status, err), (7, b""))
+            self.assertTrue(out.endswith(b"two\r\n"), out)
+            for client in clients:
+                stdout, stderr = client.readToEnd(timeout=5)
+                self.assertLess(time.monotonic() - at[0], 1.0, "every reader sees end of file within 1 s")
+                self.assertEqual(stdout, out, "sessions get what the engine gets")
+                self.assertEqual(stderr, b"", "a terminal has no stderr")
+            self.assertEqual(self.engine.reapShim(c), 0)
+        finally:
+            self.engine.close(c, remove=False)
+
+
 class TerminalExecTests(EngineMixin, TestCase):
     """runc exec -t through the shim: the console socket and the resize FIFO of an exec."""
 
@@ -231,7 +266,7 @@ class TerminalExecTests(EngineMixin, TestCase):
                                     terminal=True)
 
         def resizeSoon() -> None:
-            time.sleep(0.5)
+            self.engine.waitPid(e, 30)  # the shim reads the resize FIFO by then
             e.resize(100, 30)
 
         threading.Thread(target=resizeSoon, daemon=True).start()
