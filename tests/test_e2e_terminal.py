@@ -178,11 +178,18 @@ class TerminalTests(TerminalMixin, TestCase):
 
         def resizeLater(c: Container) -> None:
             time.sleep(1.0)
+            # On a loaded machine the first stty may come late: resize only
+            # after it (the log has it at once: a complete line).
+            deadline = time.monotonic() + 0.9
+            while time.monotonic() < deadline:
+                with open(c.path("console.log")) as f:
+                    if "40 120" in f.read():
+                        break
+                time.sleep(0.02)
             c.resize(200, 50)
 
         def one(i: int) -> None:
-            r = self.runTty(["sh", "-c", "stty size; sleep 2; stty size"], during=resizeLater, resize=True,
-                            log=False)
+            r = self.runTty(["sh", "-c", "stty size; sleep 2; stty size"], during=resizeLater, resize=True)
             self.assertEqual((r.stdout, r.status), (b"40 120\r\n50 200\r\n", 0))
 
         parallel(one, repeat(50), workers=10)
