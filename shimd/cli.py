@@ -11,13 +11,15 @@ Command-line front ends.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
 import sys
 import threading
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import argparse
 
 FOREVER = 7 * 24 * 3600.0  # "no timeout", in a form poll() and communicate() accept
 USAGE = "usage: isulad-shim ID BUNDLE RUNTIME LOGLEVEL [EXEC_TIMEOUT]\n"
@@ -42,6 +44,10 @@ def runShim(reactor: Any, config: Any) -> int:
 
 def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
     """The C{isulad-shim} drop-in: argv as iSulad passes it, cwd = workdir."""
+    # Before anything imports Twisted: no TLS modules in a shim process.
+    from shimd.lean import keepLean
+
+    keepLean()
     args = sys.argv[1:] if argv is None else argv
     # The engine may leave SIGPIPE at its default; a gone reader must be an
     # EPIPE error for us, never a signal.
@@ -228,6 +234,8 @@ def _copyOutput(name: str, data: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """C{shimd}: the user-facing command."""
+    import argparse
+
     from shimd.engine import DEFAULT_STATE_ROOT
 
     parser = argparse.ArgumentParser(prog="shimd", description="A container shim on Twisted.")

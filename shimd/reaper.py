@@ -15,7 +15,6 @@ children.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal as signal_
 from typing import Iterable
@@ -34,7 +33,9 @@ def setChildSubreaper() -> None:
 
     Not inherited across C{fork()}: call it in the process that waits.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    # dlopen(NULL): the symbols already loaded, libc among them.
+    # (ctypes.util.find_library forks "ldconfig -p" on every call.)
+    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
