@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated: throughput,lifecycle,idle,attach")
     parser.add_argument("--output", default=HERE, help="where results.md and results.png go")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--shimd-tree", metavar="DIR",
+                        help="run isulad-shim from this shimd checkout (before/after comparisons)")
     parser.add_argument("--profile", metavar="DIR", nargs="?", const=os.path.join(HERE, "output"),
                         help="run workload 1 once on shimd under cProfile and print the profile")
     opts = parser.parse_args(argv)
@@ -344,7 +346,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return profileThroughput(STATE_ROOT, bundle, lines, opts.profile, LINE)
 
-    shimd = ShimdRunner(STATE_ROOT, bundle)
+    shimArgv = None
+    if opts.shimd_tree:
+        tree = os.path.abspath(opts.shimd_tree)
+        shimArgv = [sys.executable, "-c",
+                    f"import sys; sys.path.insert(0, {tree!r}); "
+                    "from shimd.cli import isuladShimMain; isuladShimMain()"]
+        log(f"shimd from {tree}")
+    shimd = ShimdRunner(STATE_ROOT, bundle, shimArgv=shimArgv)
     conmon = ConmonRunner(STATE_ROOT, bundle)
     results: Results = {}
     notes: list[str] = []
