@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from shimd.attach import DETACH_MESSAGE, parseDetachKeys
 from shimd.localterm import localTerminal
-from shimd.shimlog import ATTACH_LOG_NAME
+from shimd.shimlog import ATTACH_LOG_NAME, errorMessages
 
 ATTACH_TIMEOUT = 120.0
 """Seconds to wait for the shim's reply (iSulad: ATTACH_WAIT_TIME)."""
@@ -261,21 +261,7 @@ async def _request(
 
 def _shimReason(workdir: str, fifoDir: str) -> str:
     """The shim's reason from attach-log.json (the last error naming our FIFOs)."""
-    try:
-        with open(os.path.join(workdir, ATTACH_LOG_NAME), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    errors = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("level") == "error":
-            errors.append(str(record.get("msg", "")))
+    errors = errorMessages(os.path.join(workdir, ATTACH_LOG_NAME), tail=65536)
     mine = [msg for msg in errors if fifoDir in msg]
     chosen = mine or errors
     return f": {chosen[-1]}" if chosen else ""

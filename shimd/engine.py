@@ -263,16 +263,9 @@ class Engine:
 
     def shimErrors(self, c: Container) -> str:
         """The error lines of the shim log, as iSulad shows them on failure."""
-        messages = []
-        try:
-            with open(c.path("shim-log.json"), "rb") as f:
-                for line in f:
-                    record = json.loads(line)
-                    if record.get("level") in ("error", "critical"):
-                        messages.append(record.get("msg", ""))
-        except (OSError, ValueError):
-            pass
-        return "; ".join(messages)
+        from shimd.shimlog import SHIM_LOG_NAME, errorMessages
+
+        return "; ".join(errorMessages(c.path(SHIM_LOG_NAME)))
 
     def runtimeCall(self, c: Container, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(

@@ -15,7 +15,6 @@ its output).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from shimd.shimlog import errorMessages
 
 _OUTPUT_LIMIT = 64 * 1024
 _SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -197,21 +198,7 @@ class Runc:
 
     def errorText(self, offset: int = 0) -> str:
         """The C{error}/C{fatal} messages runc logged after C{offset}."""
-        try:
-            with open(self.logPath, "rb") as f:
-                f.seek(offset)
-                lines = f.read().splitlines()
-        except OSError:
-            return ""
-        messages = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("level") in ("error", "fatal", "panic"):
-                messages.append(str(record.get("msg", "")))
-        return "; ".join(messages)
+        return "; ".join(errorMessages(self.logPath, offset))
 
     def start(self, containerId: str) -> Deferred[None]:
         return self.run(self.baseArgs(withLog=False) + ["start", containerId])

@@ -46,6 +46,7 @@ __all__ = [
     "jsonLineObserver",
     "stderrObserver",
     "startShimLogging",
+    "errorMessages",
 ]
 
 #: File name of the shim log in the workdir.
@@ -391,3 +392,35 @@ def startShimLogging(
             observer.close()
 
     return stop
+
+
+ERROR_LEVELS = frozenset({"error", "critical", "fatal", "panic"})
+
+
+def errorMessages(path: str, offset: int = 0, tail: int | None = None) -> list[str]:
+    """
+    The C{msg} of every error record of a JSON-lines log (shim-log.json,
+    attach-log.json, or runc's C{--log}), oldest first; lines that are not
+    JSON objects are skipped.  A missing file has none.
+
+    @param offset: read from this byte on (what an invocation appended).
+    @param tail: read at most this many bytes from the end.
+    """
+    try:
+        with open(path, "rb") as f:
+            if tail is not None:
+                f.seek(0, os.SEEK_END)
+                offset = max(offset, f.tell() - tail)
+            f.seek(offset)
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    messages = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("level") in ERROR_LEVELS:
+            messages.append(str(record.get("msg", "")))
+    return messages

@@ -131,6 +131,22 @@ class EngineMixin:
             self.engine.close(c, remove=False)
 
 
+class RunningContainerMixin(EngineMixin):
+    """An engine and one running container (C{sleep 1000}) to exec in."""
+
+    def setUpRunning(self) -> None:
+        self.setUpEngine()
+        self.c = self.engine.prepare(self.bundle, ["sleep", "1000"], stdout=False, stderr=False)
+        self.engine.create(self.c, detach=True)
+        self.engine.start(self.c)
+        self.addCleanup(self.stopContainer)  # type: ignore[attr-defined]
+
+    def stopContainer(self) -> None:
+        self.engine.runtimeCall(self.c, "kill", self.c.id, "KILL")
+        self.engine.collect(self.c, timeout=30)
+        self.engine.close(self.c)
+
+
 def runShimIn(workdir: str, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     """Run isulad-shim by hand in C{workdir}."""
     return subprocess.run(

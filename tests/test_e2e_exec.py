@@ -14,21 +14,12 @@ import time
 from twisted.trial.unittest import TestCase
 
 from shimd.engine import Container
-from tests.e2e import BIN, EngineMixin, parallel, repeat
+from tests.e2e import BIN, EngineMixin, RunningContainerMixin, parallel, repeat
 
 
-class ExecTests(EngineMixin, TestCase):
+class ExecTests(RunningContainerMixin, TestCase):
     def setUp(self) -> None:
-        self.setUpEngine()
-        self.c = self.engine.prepare(self.bundle, ["sleep", "1000"], stdout=False, stderr=False)
-        self.engine.create(self.c, detach=True)
-        self.engine.start(self.c)
-        self.addCleanup(self.stopContainer)
-
-    def stopContainer(self) -> None:
-        self.engine.runtimeCall(self.c, "kill", self.c.id, "KILL")
-        self.engine.collect(self.c, timeout=30)
-        self.engine.close(self.c)
+        self.setUpRunning()
 
     def execIn(
         self, args: list[str], stdinData: bytes | None = None, execTimeout: int | None = None, **kw: object
@@ -192,20 +183,11 @@ class ExecCommandTests(EngineMixin, TestCase):
             self.engine.close(c)
 
 
-class TerminalExecTests(EngineMixin, TestCase):
+class TerminalExecTests(RunningContainerMixin, TestCase):
     """Issue 5 point 4: terminal execs use the console socket and resize_fifo; C8 for execs."""
 
     def setUp(self) -> None:
-        self.setUpEngine()
-        self.c = self.engine.prepare(self.bundle, ["sleep", "1000"], stdout=False, stderr=False)
-        self.engine.create(self.c, detach=True)
-        self.engine.start(self.c)
-        self.addCleanup(self.stopContainer)
-
-    def stopContainer(self) -> None:
-        self.engine.runtimeCall(self.c, "kill", self.c.id, "KILL")
-        self.engine.collect(self.c, timeout=30)
-        self.engine.close(self.c)
+        self.setUpRunning()
 
     def ttyExec(self, args: list[str], check: bool = False) -> tuple[bytes, int | None, int]:
         e = self.engine.prepareExec(self.c, args, terminal=True, stderr=False)
