@@ -21,8 +21,16 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from shimd.bundle import writeBundleConfig
 from shimd.engine import Container
-from tests import test_e2e_exec
-from tests.e2e import BIN, AttachClient, EngineMixin, parallel, readRecords, reassemble, repeat
+from tests.e2e import (
+    BIN,
+    AttachClient,
+    EngineMixin,
+    RunningContainerMixin,
+    parallel,
+    readRecords,
+    reassemble,
+    repeat,
+)
 
 
 def ptyFds(pid: int) -> list[str]:
@@ -261,12 +269,11 @@ class TerminalAttachTests(TerminalMixin, TestCase):
             self.engine.close(c, remove=False)
 
 
-class TerminalExecTests(EngineMixin, TestCase):
-    """runc exec -t through the shim: the console socket and the resize FIFO of an exec."""
+class ExecResizeTests(RunningContainerMixin, TestCase):
+    """The resize FIFO of an exec -t (the rest of exec -t: tests.test_e2e_exec)."""
 
-    # A running (non-terminal) container, as for the other exec tests.
-    setUp = test_e2e_exec.ExecTests.setUp
-    stopContainer = test_e2e_exec.ExecTests.stopContainer
+    def setUp(self) -> None:
+        self.setUpRunning()
 
     def test_execWithTerminal(self) -> None:
         e = self.engine.prepareExec(self.c, ["sh", "-c", "readlink /proc/self/fd/0; sleep 1; stty size; exit 3"],
