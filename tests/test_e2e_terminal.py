@@ -302,6 +302,8 @@ class Tmux:
         env = f"env -i PATH={BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin TERM=xterm HOME=/root"
         self.tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
                   f"{env} PS1='$ ' bash --norc --noprofile")
+        socketPath = self.tmux("display-message", "-p", "#{socket_path}").strip()
+        test.addCleanup(lambda: os.path.exists(socketPath) and os.unlink(socketPath))
         test.addCleanup(self.tmux, "kill-server")
 
     def tmux(self, *args: str) -> str:
