@@ -199,6 +199,26 @@ class LineAssemblyTests(LogTestBase):
         self.clock.advance(0.1)
         self.assertEqual(self.logs(), ["a\n", "b"])
 
+    def test_oneTimerForManyChunks(self) -> None:
+        """
+        Chunks that each end mid-line keep one timer armed (no timer work
+        per chunk), and each partial line still waits its full delay.
+        """
+        log = self.makeLog()
+        log.write("stdout", b"a")
+        armed = self.clock.getDelayedCalls()
+        self.assertEqual(len(armed), 1)
+        for i in range(5):
+            self.clock.advance(0.1)
+            log.write("stdout", b"\nb%d" % (i,))
+        self.assertEqual(self.clock.getDelayedCalls(), armed)
+        self.clock.advance(0.5)
+        self.assertEqual(self.logs(), ["a\n", "b0\n", "b1\n", "b2\n", "b3\n"])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.5)
+        self.assertEqual(self.logs()[-1], "b4")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_partialMax(self) -> None:
         """
         A held partial line is written in C{partialMax}-sized pieces.
