@@ -18,6 +18,7 @@ shim's exit code (0 ok, 1 error, 2 exec timeout).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import struct
@@ -38,6 +39,9 @@ from shimd.logfile import JsonFileLog
 from shimd.reaper import ExitWatcher, reapStrays, setChildSubreaper
 from shimd.runtime import Runc, RuntimeFailure
 from shimd.streams import OutputStream, StdinPipe
+
+PIPE_SIZE = 1 << 20
+"""Bytes the container's stdout and stderr pipes hold (F_SETPIPE_SZ)."""
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -257,6 +261,12 @@ class ShimService(service.MultiService):
         inR, inW = os.pipe2(os.O_CLOEXEC)
         outR, outW = os.pipe2(os.O_CLOEXEC)
         errR, errW = os.pipe2(os.O_CLOEXEC)
+        for fd in (outR, errR):
+            # Room for bursts: the container blocks (and we wake) less often.
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # above /proc/sys/fs/pipe-max-size: keep the default
         for fd in (inR, inW, outR, outW, errR, errW):
             if state.root_uid or state.root_gid:
                 os.fchown(fd, state.root_uid, state.root_gid)
