@@ -40,6 +40,7 @@ namespace, which the service routes to C{attach-log.json}.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -68,6 +69,10 @@ DETACH_MESSAGE = b"read escape sequence"
 
 DEFAULT_DETACH_KEYS = "ctrl-q"
 MAX_SESSIONS = 16
+OUTPUT_PIPE_SIZE = 1 << 20
+"""F_SETPIPE_SZ for a session's out and err FIFOs: with room for a whole
+read of container output, a write seldom leaves a remainder to queue (and
+copy again) in user space."""
 MAX_MESSAGE = 32 * 1024
 """A request longer than this is refused and its connection closed."""
 
@@ -356,6 +361,11 @@ def openChecked(name: str, path: str, st: os.stat_result) -> int:
     if (now.st_dev, now.st_ino, now.st_mode, now.st_uid) != (st.st_dev, st.st_ino, st.st_mode, st.st_uid):
         os.close(fd)
         raise RequestError(f'{name} path "{path}" changed while it was being checked')
+    if name != "stdin":
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, OUTPUT_PIPE_SIZE)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: keep the size it has
     return fd
 
 

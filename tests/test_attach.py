@@ -6,6 +6,7 @@ StringTransport and a Clock, path validation on real files, sessions
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shimd.attach import (
     DETACH_MESSAGE,
+    OUTPUT_PIPE_SIZE,
     AttachFactory,
     AttachRequest,
     AttachServer,
@@ -524,6 +526,8 @@ class SessionTests(SynchronousTestCase):
         c = Client(self)
         self.server.handle(c.request())
         session = self.server.sessions[0]
+        # Back to a 64 KiB FIFO, so that 180 KB of output queues in the shim.
+        fcntl.fcntl(session.out.fd, fcntl.F_SETPIPE_SZ, 65536)  # type: ignore[union-attr]
         big = b"y" * 180000
         for i in range(0, len(big), 60000):
             self.output(big[i : i + 60000])
@@ -540,6 +544,15 @@ class SessionTests(SynchronousTestCase):
             session.out.doWrite()  # type: ignore[union-attr]
         self.assertEqual(got, big + DETACH_MESSAGE)
         self.assertEqual(writes[-1], DETACH_MESSAGE)
+
+    def test_outputFifosGrown(self) -> None:
+        """A session's out and err FIFOs hold OUTPUT_PIPE_SIZE bytes; its in FIFO is left alone."""
+        c = Client(self)
+        self.server.handle(c.request())
+        session = self.server.sessions[0]
+        for writer in (session.out, session.err):
+            self.assertEqual(fcntl.fcntl(writer.fd, fcntl.F_GETPIPE_SZ), OUTPUT_PIPE_SIZE)  # type: ignore[union-attr]
+        self.assertEqual(fcntl.fcntl(c.fds["stdin"], fcntl.F_GETPIPE_SZ), 65536)
 
     def test_perSessionKeys(self) -> None:
         c = Client(self)
