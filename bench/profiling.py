@@ -1,7 +1,7 @@
 """
-`bench/run.py --profile [DIR]`: one workload-1 run on shimd with the shim
-under cProfile (`python -m cProfile -o DIR/shimd-<time>.prof isulad-shim ...`;
-cProfile writes the file when the shim calls sys.exit), then the top of the
+`bench/run.py --profile [DIR] [--profile-sessions N]`: one workload-1 run
+on shimd (with N attach sessions) with the shim under cProfile
+(`python -m cProfile -o DIR/shimd-<time>.prof isulad-shim ...`; cProfile writes the file when the shim calls sys.exit), then the top of the
 profile by own time and by cumulative time.  No change to shimd is needed:
 the engine takes the shim's argv.
 """
@@ -13,28 +13,21 @@ import pstats
 import sys
 import time
 
-from shims import ShimdRunner, now
+from shims import ShimdRunner
 from shimd.engine import shimCommand
 
 
-def profileThroughput(stateRoot: str, bundle: str, lines: int, outdir: str, line: str) -> int:
+def profileThroughput(stateRoot: str, bundle: str, lines: int, outdir: str, sessions: int = 0) -> int:
+    from run import throughput
+
     os.makedirs(outdir, exist_ok=True)
     path = os.path.join(outdir, f"shimd-{time.strftime('%Y%m%d-%H%M%S')}.prof")
     shim = shimCommand()
     argv = [sys.executable, "-m", "cProfile", "-o", path, *shim[-1:]]
     runner = ShimdRunner(stateRoot, bundle, shimArgv=argv)
-    run = runner.prepare(["sh", "-c", f"yes {line} | head -n {lines}"], "prof")
-    try:
-        runner.launch(run)
-        runner.waitPid(run)
-        t0 = now()
-        runner.start(run)
-        t1 = runner.waitExit(run)
-        runner.reap(run)
-        records, complete = runner.countLines(run)
-    finally:
-        runner.finish(run)
-    print(f"workload 1 under cProfile: {t1 - t0:.2f} s, {complete} lines, {records} records")
+    figures = throughput(runner, lines, sessions)
+    print(f"workload 1 with {sessions} attach sessions under cProfile: {figures['seconds']:.2f} s, "
+          f"{figures['records']:.0f} records")
     print(f"profile: {path}")
     stats = pstats.Stats(path)
     stats.sort_stats("tottime").print_stats(25)

@@ -105,6 +105,7 @@ def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float
 
         t0 = now()
         runner.start(run)
+        sample()
         t1 = runner.waitExit(run, more=readers, tick=sample, tickEvery=0.1)
         sample()
         elapsed = t1 - t0
@@ -317,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run isulad-shim from this shimd checkout (before/after comparisons)")
     parser.add_argument("--profile", metavar="DIR", nargs="?", const=os.path.join(HERE, "output"),
                         help="run workload 1 once on shimd under cProfile and print the profile")
+    parser.add_argument("--profile-sessions", type=int, default=0, metavar="N",
+                        help="with --profile: N attach sessions reading every byte")
     opts = parser.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.profile:
         from profiling import profileThroughput
 
-        return profileThroughput(STATE_ROOT, bundle, lines, opts.profile, LINE)
+        return profileThroughput(STATE_ROOT, bundle, lines, opts.profile, opts.profile_sessions)
 
     shimArgv = None
     if opts.shimd_tree:
