@@ -272,6 +272,11 @@ def fmtFigures(f: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in f.items())
 
 
+def loadAverage() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def machineInfo() -> dict[str, str]:
     def first(cmd: list[str]) -> str:
         try:
@@ -362,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     started = now()
     info = machineInfo()
+    loadStart = loadAverage()
     log("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
     hasAttach = False
@@ -400,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         killStrays(STATE_ROOT)
 
     info["wall time"] = f"{now() - started:.0f} s"
+    info["load average (1, 5, 15 min)"] = f"{loadStart} at the start, {loadAverage()} at the end"
     info["settings"] = (f"{runs} counted runs + 1 warm-up per workload (lifecycle: "
                         f"{opts.runs or (3 if quick else 10)}), {lines:,} lines, idle window {window:g} s, "
                         f"{attaches} attaches per run")
