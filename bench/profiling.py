@@ -1,8 +1,9 @@
 """
 `bench/run.py --profile [DIR] [--profile-sessions N]`: one workload-1 run
 on shimd (with N attach sessions) with the shim under cProfile
-(`python -m cProfile -o DIR/shimd-<time>.prof isulad-shim ...`; cProfile writes the file when the shim calls sys.exit), then the top of the
-profile by own time and by cumulative time.  No change to shimd is needed:
+(`python -m cProfile -o DIR/shimd-<time>.prof isulad-shim ...`; cProfile
+writes the file when the shim calls sys.exit), then the top of the profile
+by own time and by cumulative time.  No change to shimd is needed:
 the engine takes the shim's argv.
 """
 

@@ -142,7 +142,11 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
   records ending in `\\n`; k8s-file `F` records), and with attach, that each session read every
   byte. Peak RSS is VmHWM sampled every 0.1 s up to the report.
 - Start latency: from launching the shim to runc's pid file appearing (inotify), `sleep` container.
-- Exit report latency: from spawning `runc kill <id> KILL` to the status being readable.
+- Exit report latency: from spawning `runc kill <id> KILL` to the status being readable. shimd
+  reports after its own `runc kill --all` and `runc delete --force` (iSulad's order: the container
+  is gone from runc when the engine sees the status); conmon writes the exit file right after
+  the reap and leaves the delete to the engine.
+- Shim CPU during workload 1: utime+stime sampled every 0.1 s, so up to 0.1 s of work is missed.
 - Idle: both shims beside a `sleep` container in the same window, after 2 s of settling; CPU is
   utime+stime from /proc/<pid>/stat, memory Rss/Pss from /proc/<pid>/smaps_rollup.
 - Attach: the wire protocol (FIFOs under the workdir, `"<in> <out> <err>"`, 4-byte reply),
