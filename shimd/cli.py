@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -103,7 +104,7 @@ def _run(opts: argparse.Namespace) -> int:
     from shimd.localterm import localTerminal, windowSize
 
     bundle = opts.bundle or ensureDemoBundle()
-    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    command = opts.command
     engine = Engine(stateRoot=opts.state_root, runtime=opts.runtime)
     # -t at a terminal: raw mode, our size, and our keys go in (-i implied),
     # the detach keys too.
@@ -116,55 +117,76 @@ def _run(opts: argparse.Namespace) -> int:
         return 125
     interactive = opts.interactive or localTty
     size = windowSize(0) if localTty else None
-    c = engine.prepare(
-        bundle,
-        args=command or None,
-        containerId=opts.id,
-        stdin=interactive,
-        logMaxsize=opts.log_max_size,
-        logMaxfile=opts.log_max_file,
-        terminal=True if opts.tty else None,
-        consoleSize=(size[1], size[0]) if size else None,
-        resize=opts.tty,
-    )
-    out = sys.stdout.buffer
-    err = sys.stderr.buffer
-
-    def onOutput(name: str, data: bytes) -> None:
-        stream = out if name == "stdout" else err
-        stream.write(data)
-        stream.flush()
+    try:
+        c = engine.prepare(
+            bundle,
+            args=command or None,
+            containerId=opts.id,
+            stdin=interactive,
+            logMaxsize=opts.log_max_size,
+            logMaxfile=opts.log_max_file,
+            terminal=True if opts.tty else None,
+            consoleSize=(size[1], size[0]) if size else None,
+            resize=opts.tty,
+        )
+    except (EngineError, OSError) as e:
+        sys.stderr.write(f"shimd: {e}\n")
+        return 125
 
     terminal = contextlib.ExitStack()  # restored before any message
     detached = threading.Event()
+    signal.signal(signal.SIGTERM, _interrupted)  # unwind: restore our terminal, say where it runs
     try:
         engine.create(c, detach=True)
         if localTty:
-            signal.signal(signal.SIGTERM, _interrupted)  # unwind: restore our terminal
             terminal.enter_context(localTerminal(0, c.process["resizeFifo"]))
         engine.start(c)
         if interactive:
             threading.Thread(target=_copyStdin, args=(c, detachKeys, detached), daemon=True).start()
-        _, _, status = engine.collect(c, timeout=FOREVER, onOutput=onOutput)
+        _, _, status = engine.collect(c, timeout=FOREVER, onOutput=_copyOutput)
     except EngineError as e:
         terminal.close()
         sys.stderr.write(f"shimd: {e}\n")
         engine.close(c, remove=True)
         return 125
-    except KeyboardInterrupt:
+    except BrokenPipeError:
+        # Whoever reads our output is gone (shimd run -- yes | head): stop
+        # the container, as SIGPIPE would stop a process in a pipeline.
+        terminal.close()
+        _silenceStdout()
+        engine.runtimeCall(c, "kill", c.id, "KILL")
+        _drain(engine, c)
+        engine.close(c, remove=not opts.keep)
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as e:
         terminal.close()
         if detached.is_set():
             sys.stderr.write(f"\nshimd: detached; the container runs on: shimd attach {c.workdir}\n")
             return 0
         sys.stderr.write(f"\nshimd: the container keeps running; its workdir is {c.workdir}\n")
-        return 130
+        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
     terminal.close()
     engine.close(c, remove=not opts.keep)
     return status
 
 
+def _silenceStdout() -> None:
+    """Our reader is gone: send what is left (and Python's exit flush) nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _drain(engine: Any, c: Any) -> None:
+    """Read the rest (to nowhere) so the shim can finish and report."""
+    try:
+        engine.collect(c, timeout=30)
+    except Exception:
+        pass
+
+
 def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signum)
 
 
 def _copyStdin(c: Any, detachKeys: bytes = b"", detached: threading.Event | None = None) -> None:
@@ -193,36 +215,60 @@ def _copyStdin(c: Any, detachKeys: bytes = b"", detached: threading.Event | None
             return
         if seen and detached is not None:
             detached.set()
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+            mainIdent = threading.main_thread().ident
+            assert mainIdent is not None  # the main thread is always started
+            signal.pthread_kill(mainIdent, signal.SIGINT)
             return
 
 
 def _exec(opts: argparse.Namespace) -> int:
     from shimd.engine import Engine, EngineError
+    from shimd.localterm import localTerminal, windowSize
 
-    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    command = opts.command
     if not command:
         sys.stderr.write("shimd exec: no command given\n")
         return 125
+    localTty = opts.tty and os.isatty(0)
+    interactive = opts.interactive or localTty
+    size = windowSize(0) if localTty else None
     engine = Engine(runtime=opts.runtime)
     try:
         c = engine.load(opts.workdir)
-        e = engine.prepareExec(c, command, stdin=opts.interactive, terminal=opts.tty)
+        e = engine.prepareExec(
+            c, command, stdin=interactive, terminal=opts.tty,
+            extra={"consoleSize": {"height": size[1], "width": size[0]}} if size else None,
+        )
     except (EngineError, OSError) as err:
         sys.stderr.write(f"shimd exec: {err}\n")
         return 125
-    stdinData = None
-    if opts.interactive:
-        stdinData = sys.stdin.buffer.read()
+    terminal = contextlib.ExitStack()
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
-        _, _, status, code = engine.runExec(
-            e, opts.timeout or None, timeout=FOREVER, onOutput=_copyOutput, stdinData=stdinData
-        )
+        engine.spawnShim(e, opts.timeout or None)
+        engine.waitPid(e)
+        if localTty:
+            terminal.enter_context(localTerminal(0, e.process["resizeFifo"]))
+        if interactive:
+            threading.Thread(target=_copyStdin, args=(e,), daemon=True).start()
+        engine.collect(e, timeout=FOREVER, onOutput=_copyOutput)
+        code = engine.reapShim(e, timeout=FOREVER)
     except EngineError as err:
+        terminal.close()
         sys.stderr.write(f"shimd exec: {err}\n")
         return 126
+    except BrokenPipeError:
+        terminal.close()
+        _silenceStdout()
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as err:
+        terminal.close()
+        sys.stderr.write("\nshimd exec: interrupted; the process was left running\n")
+        return 128 + (err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT)
     finally:
+        terminal.close()
         engine.close(e)
+    status = struct.unpack("=i", e.shimStatus)[0] if len(e.shimStatus) == 4 else None
     if status is None:
         if code == 2:
             sys.stderr.write(f"shimd exec: timed out after {opts.timeout}s; killed\n")
@@ -256,22 +302,30 @@ def main(argv: list[str] | None = None) -> int:
                      help="give the container a terminal (at a terminal: raw mode, -i implied)")
     run.add_argument("--detach-keys",
                      help="with -t at a terminal: leave the container running (default ctrl-q; '' disables)")
-    run.add_argument("--log-max-size", type=int, default=0, help="json-file log: bytes per file")
-    run.add_argument("--log-max-file", type=int, default=0, help="json-file log: files kept")
+    run.add_argument("--log-max-size", type=int, default=10 << 20,
+                     help="json-file log: bytes per file (default 10 MiB; 0: no limit)")
+    run.add_argument("--log-max-file", type=int, default=3, help="json-file log: files kept (default 3)")
     run.add_argument("--keep", action="store_true", help="keep the workdir after the exit")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... (overrides the bundle)")
+    run.add_argument("command", nargs="*", help="-- CMD ARGS... (overrides the bundle)")
     ex = sub.add_parser("exec", help="run a process in a running container")
     ex.add_argument("workdir", help="the container's workdir (as printed by shimd run)")
     ex.add_argument("--runtime", default="runc", help="OCI runtime command")
     ex.add_argument("-i", "--interactive", action="store_true", help="copy stdin to the process")
     ex.add_argument("-t", "--tty", action="store_true", help="give the process a terminal")
     ex.add_argument("--timeout", type=int, default=0, help="kill the process after N seconds")
-    ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    ex.add_argument("command", nargs="*", help="-- CMD ARGS...")
     at = sub.add_parser("attach", help="attach to a running container's stdio through its shim")
     at.add_argument("workdir", help="the container's workdir")
     at.add_argument("--detach-keys", help="e.g. ctrl-p,ctrl-q ('' disables; default: the shim's)")
     at.add_argument("--no-stdin", action="store_true", help="do not attach stdin")
-    opts = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = None
+    if "--" in args:  # everything after it is the command, options or not
+        cut = args.index("--")
+        args, command = args[:cut], args[cut + 1 :]
+    opts = parser.parse_args(args)
+    if command is not None and hasattr(opts, "command"):
+        opts.command = (opts.command or []) + command
     if os.geteuid() != 0:
         sys.stderr.write("shimd: runc needs root; run as root\n")
         return 125

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 DEFAULT_STATE_ROOT = "/run/shimd"
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class EngineError(Exception):
@@ -162,10 +165,23 @@ class Engine:
             (iSulad does so for an exec; the shim accepts it for create).
         """
         cid = containerId or "s" + secrets.token_hex(6)
+        if not _ID.match(cid):
+            raise EngineError(f"bad container id {cid!r}: use letters, digits, '_', '.', '-'")
+        if shutil.which(self.runtime) is None:
+            raise EngineError(f"runtime {self.runtime!r} not found")
+        try:
+            with open(os.path.join(bundle, "config.json")) as f:
+                config = json.load(f)
+            config["process"]["args"]
+        except OSError as e:
+            raise EngineError(f"{bundle} is not an OCI bundle: {e.strerror}: {e.filename}") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineError(f"{bundle}/config.json is not a valid OCI config: {e}") from e
         workdir = os.path.join(self.stateRoot, os.path.basename(self.runtime), cid)
-        os.makedirs(workdir, mode=0o700)
-        with open(os.path.join(bundle, "config.json")) as f:
-            config = json.load(f)
+        try:
+            os.makedirs(workdir, mode=0o700)
+        except FileExistsError:
+            raise EngineError(f"a container with id {cid!r} exists ({workdir})") from None
         if args is not None or terminal is not None or consoleSize is not None:
             if args is not None:
                 config["process"]["args"] = list(args)

@@ -43,7 +43,9 @@ class RuntimeFailure(Exception):
         super().__init__(message)
 
     def __str__(self) -> str:
-        return f"{os.path.basename(self.argv[0])} {self._verb()} failed: {self.message}"
+        prefix = f"{os.path.basename(self.argv[0])} {self._verb()} failed"
+        # runc's own message often starts with the same words already.
+        return self.message if self.message.startswith(prefix) else f"{prefix}: {self.message}"
 
     def _verb(self) -> str:
         for word in ("create", "exec", "start", "kill", "delete", "state"):
@@ -58,7 +60,8 @@ class _RuncProtocol(ProcessProtocol):
         self.ended: Deferred[int | None] = Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.closeStdin()  # type: ignore[union-attr]
+        assert self.transport is not None
+        self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if len(self.output) < _OUTPUT_LIMIT:
@@ -152,7 +155,7 @@ class Runc:
             argv += ["--console-socket", consoleSocket]
         return argv + [containerId]
 
-    def run(self, argv: Sequence[str], childFDs: Mapping[int, object] | None = None) -> Deferred[None]:
+    def run(self, argv: Sequence[str], childFDs: Mapping[int, int | str] | None = None) -> Deferred[None]:
         """
         Run one runtime command; fire when it has ended.
 

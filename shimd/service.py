@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shimd.attach import AttachServer, startAttachServer
 from shimd.config import ConfigError, ProcessState, loadProcessState
@@ -150,11 +151,11 @@ class ShimService(service.MultiService):
         setChildSubreaper()
         ensureDeferred(self._run()).addBoth(self._finish)
 
-    def _finish(self, result: object) -> None:
+    def _finish(self, result: int | Failure) -> None:
         if isinstance(result, int):
             code = result
         else:
-            self._log.failure("shim failed", result)  # type: ignore[arg-type]
+            self._log.failure("shim failed", result)
             code = EXIT_ERROR
         self._closeEverything()
         if not self.done.called:
@@ -349,7 +350,7 @@ class ShimService(service.MultiService):
         assert self.runc is not None
         pidFile = self.path("pid")
         console = None
-        fds: dict[int, object]
+        fds: dict[int, int | str]
         if self.terminal is not None:
             # B12: runc never gets the shim's stdio; its stderr is kept for
             # error messages (runc init does not inherit it in tty mode).
@@ -456,6 +457,10 @@ class ShimService(service.MultiService):
         if self._exitFifo is not None:
             try:
                 os.write(self._exitFifo, packed)
+            except BrokenPipeError:
+                # The engine went away (e.g. a detached shimd run): the
+                # status is still in ./exit.
+                self._log.warn("nobody reads the exit FIFO any more; the status is in ./exit")
             except OSError as e:
                 self._log.error("cannot write the exit FIFO: {e}", e=e)
         if self.config.statusFd is not None:

@@ -80,8 +80,13 @@ def makeService(options: Options) -> ShimService:
         )
         globalLogPublisher.addObserver(observer)
     def stop(code: int) -> None:
-        if reactor.running:  # type: ignore[attr-defined]
-            reactor.callLater(0, reactor.stop)  # type: ignore[attr-defined]
+        # The shim may be done before the reactor even runs (a bad
+        # process.json): stop it once it runs, and only once.
+        def stopNow() -> None:
+            if reactor.running:
+                reactor.stop()
+
+        reactor.callWhenRunning(reactor.callLater, 0, stopNow)
 
     shim.done.addCallback(stop)
     return shim

@@ -243,6 +243,34 @@ class CommandTests(EngineMixin, TestCase):
         )
         self.assertEqual((p.stdout, p.returncode), (b"hi\n", 3), p.stderr)
 
+    def test_shimdRunBadInput(self) -> None:
+        """Bad input: one clear line, exit 125, no workdir left behind."""
+        from tests.e2e import BIN
+
+        for args, says in ((["--bundle", "/nonexistent"], "not an OCI bundle"),
+                           (["--id", "bad/id"], "bad container id"),
+                           (["--runtime", "nosuchruntime"], "not found")):
+            p = subprocess.run([os.path.join(BIN, "shimd"), "run", "--state-root", self.stateRoot, *args,
+                                "--", "true"], capture_output=True, timeout=60, cwd="/")
+            self.assertEqual(p.returncode, 125, p.stderr)
+            self.assertIn(says, p.stderr.decode())
+            self.assertNotIn(b"Traceback", p.stderr)
+        left = [os.path.join(d, n) for d, _, ns in os.walk(self.stateRoot) for n in ns]
+        self.assertEqual(left, [])
+
+    def test_shimdRunReaderGone(self) -> None:
+        """shimd run -- yes | head: the container is stopped, exit 141, nothing left."""
+        from tests.e2e import BIN
+
+        p = subprocess.run(
+            f"{os.path.join(BIN, 'shimd')} run --state-root {self.stateRoot} -- yes | head -2; "
+            "exit ${PIPESTATUS[0]}",
+            shell=True, executable="/bin/bash", capture_output=True, timeout=60, cwd="/",
+        )
+        self.assertEqual((p.stdout, p.returncode), (b"y\ny\n", 141), p.stderr)
+        self.assertNotIn(b"Traceback", p.stderr)
+        self.assertEqual(os.listdir(os.path.join(self.stateRoot, "runc")), [])
+
     def test_twistd(self) -> None:
         from tests.e2e import BIN
 

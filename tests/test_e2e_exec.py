@@ -177,6 +177,20 @@ class ExecCommandTests(EngineMixin, TestCase):
             p = subprocess.run([os.path.join(BIN, "shimd"), "exec", "-i", c.workdir, "--", "cat"],
                                input=b"piped\n", capture_output=True, timeout=60, cwd="/")
             self.assertEqual((p.stdout, p.returncode), (b"piped\n", 0))
+            # Input streams: the first line is answered before the second is written.
+            p = subprocess.Popen([os.path.join(BIN, "shimd"), "exec", c.workdir, "-i", "--", "cat"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write(b"first\n")
+            p.stdin.flush()
+            self.assertEqual(p.stdout.readline(), b"first\n")
+            p.stdin.write(b"second\n")
+            p.stdin.close()
+            self.assertEqual(p.stdout.read(), b"second\n")
+            self.assertEqual(p.wait(timeout=30), 0)
+            p = subprocess.run([os.path.join(BIN, "shimd"), "exec", c.workdir, "-t", "--", "tty"],
+                               capture_output=True, timeout=60, cwd="/")
+            self.assertRegex(p.stdout.decode(), r"^/dev/pts/\d+\r\n$")
         finally:
             self.engine.runtimeCall(c, "kill", c.id, "KILL")
             self.engine.collect(c, timeout=30)

@@ -97,3 +97,20 @@ class DetachKeysOptionTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as e:
             self.options("--detach-keys", "ctrl-1")
         self.assertIn("invalid detach keys", str(e.exception))
+
+    def test_badProcessJsonExits(self) -> None:
+        """twistd shimd stops (it does not hang) when the shim fails before the reactor runs."""
+        import subprocess
+        import sys
+
+        wd = tempfile.mkdtemp(prefix="shimd-bad-", dir="/tmp")
+        self.addCleanup(subprocess.run, ["rm", "-rf", wd])
+        with open(os.path.join(wd, "process.json"), "w") as f:
+            f.write('{"cwd": "/"}')
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "shimd",
+             "--workdir", wd, "--id", "b1", "--bundle", wd],
+            capture_output=True, timeout=60, cwd="/",
+        )
+        with open(os.path.join(wd, "shim-log.json")) as f:
+            self.assertIn('field \\"args\\" is required', f.read())
