@@ -44,7 +44,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: all deps venv bundle demo test bench clean distclean
+.PHONY: all deps venv bundle demo test lint bench clean distclean
 
 all: test
 
@@ -82,6 +82,14 @@ demo: deps venv bundle
 
 test: deps venv bundle
 	$(VPY) -m pytest tests -v -rs $(PYTEST_ARGS)
+
+# Type checks: mypy, strict, with mypy-zope (settings in mypy.ini).
+lint: venv
+	@if ! $(VPY) -c 'import mypy, mypy_zope' 2>/dev/null; then \
+	  echo ">>> installing mypy and mypy-zope"; \
+	  $(VPY) -m pip install -q -e '.[lint]' $(PIP_EDITABLE); \
+	fi
+	$(VENV)/bin/mypy
 
 $(VENV)/.bench-stamp: $(VENV)/.stamp setup.py
 	$(VPY) -m pip install -q -e '.[bench]' $(PIP_EDITABLE)

@@ -19,6 +19,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14"],
         "bench": ["matplotlib"],
+        "lint": ["mypy", "mypy-zope"],
     },
     entry_points={
         "console_scripts": [

@@ -581,6 +581,7 @@ class AttachServer:
         if self.port is not None:
             _holdShutdownFor(self.reactor, maybeDeferred(self.port.stopListening))
         for connection in list(self.factory.connections):
+            assert connection.transport is not None
             connection.transport.loseConnection()
         for session in list(self.sessions):
             session.end("the shim is stopping", flush=False)
@@ -649,7 +650,12 @@ def _holdShutdownFor(reactor: Any, done: Deferred[object]) -> None:
     if done.called:
         return
     fired: list[bool] = []
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", lambda: fired.append(True) or done)
+
+    def beforeShutdown() -> Deferred[object]:
+        fired.append(True)
+        return done
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", beforeShutdown)
     done.addBoth(lambda _: None if fired else reactor.removeSystemEventTrigger(trigger))
 
 
@@ -745,13 +751,15 @@ class AttachProtocol(Protocol):
         if self._requests == 0 and not self._closing:
             self._reply(RequestError("empty message (the client closed its side without a request)"))
         self._closing = True
+        assert self.transport is not None
         self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self._closing = True
+        assert self.transport is not None
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancelIdle()
         self.factory.connections.discard(self)
 
@@ -766,6 +774,7 @@ class AttachProtocol(Protocol):
                     ))
                     self._closing = True
                     self._buffer = b""
+                    assert self.transport is not None
                     self.transport.loseConnection()
                 break
             message, self._buffer = framed
@@ -793,6 +802,7 @@ class AttachProtocol(Protocol):
             except Exception:
                 _log.failure("attach request failed")
                 code = -1
+        assert self.transport is not None
         self.transport.write(struct.pack("=i", code))
 
     def _cancelIdle(self) -> None:
@@ -801,14 +811,14 @@ class AttachProtocol(Protocol):
         self._idle = None
 
 
-class AttachFactory(Factory):
+class AttachFactory(Factory[Any]):
     """
     @ivar idleTimeout: seconds of silence after which a partial message is
         taken as complete.
     @ivar maxMessage: longest message accepted.
     """
 
-    protocol = AttachProtocol
+    protocol: type[AttachProtocol] = AttachProtocol
     noisy = False  # no "Starting factory" lines in attach-log.json
     idleTimeout = 0.2
     maxMessage = MAX_MESSAGE

@@ -268,7 +268,7 @@ def _exec(opts: argparse.Namespace) -> int:
     finally:
         terminal.close()
         engine.close(e)
-    status = struct.unpack("=i", e.shimStatus)[0] if len(e.shimStatus) == 4 else None
+    status: int | None = struct.unpack("=i", e.shimStatus)[0] if len(e.shimStatus) == 4 else None
     if status is None:
         if code == 2:
             sys.stderr.write(f"shimd exec: timed out after {opts.timeout}s; killed\n")

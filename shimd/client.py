@@ -165,6 +165,7 @@ class _ReplyProtocol(Protocol):
         self._received = b""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(self.message)
 
     def dataReceived(self, data: bytes) -> None:
@@ -172,7 +173,7 @@ class _ReplyProtocol(Protocol):
         if len(self._received) >= 4 and not self.reply.called:
             self.reply.callback(struct.unpack("=i", self._received[:4])[0])
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if not self.reply.called:
             short = f" (a short reply of {len(self._received)} bytes)" if self._received else ""
             self.reply.errback(AttachError(f"the shim closed the attach connection without a reply{short}"))
@@ -411,7 +412,7 @@ def runAttach(
         except ValueError as e:
             return fail(str(e))
     terminal, resizeFifo = _terminal(workdir)
-    local = contextlib.nullcontext()
+    local: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if attachStdin and terminal:
         if not os.isatty(stdinFd):
             return fail("the input device is not a TTY")

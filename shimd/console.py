@@ -32,13 +32,14 @@ import os
 import struct
 import tempfile
 import termios
-from typing import Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IFileDescriptorReceiver,
     IListeningPort,
+    IReactorCore,
     IReactorFDSet,
     IReactorTime,
     IReactorUNIX,
@@ -93,7 +94,8 @@ class _ConsoleProtocol(Protocol):
             return
         self._got = True
         self.factory._received(fd)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         pass
@@ -103,7 +105,7 @@ class _ConsoleProtocol(Protocol):
             self.factory._failed("the runtime closed the console socket without sending a terminal")
 
 
-class ConsoleSocket(Factory):
+class ConsoleSocket(Factory[Any]):
     """
     A one-shot listener for the runtime's C{--console-socket}.
 
@@ -115,7 +117,7 @@ class ConsoleSocket(Factory):
     @ivar path: the socket's path, once L{listen} was called.
     """
 
-    protocol = _ConsoleProtocol
+    protocol: type[_ConsoleProtocol] = _ConsoleProtocol
     noisy = False
 
     def __init__(self, reactor: IReactorUNIX, directory: str | None = None) -> None:
@@ -202,8 +204,10 @@ class ConsoleSocket(Factory):
             fired.append(True)
             return done
 
-        trigger = self._reactor.addSystemEventTrigger("before", "shutdown", beforeShutdown)  # type: ignore[attr-defined]
-        done.addBoth(lambda _: None if fired else self._reactor.removeSystemEventTrigger(trigger))  # type: ignore[attr-defined]
+        # A reactor that listens on unix sockets is a whole reactor.
+        core = cast(IReactorCore, self._reactor)
+        trigger = core.addSystemEventTrigger("before", "shutdown", beforeShutdown)
+        done.addBoth(lambda _: None if fired else core.removeSystemEventTrigger(trigger))
 
     def _removeSocket(self) -> None:
         for remove, path in ((os.unlink, self.path), (os.rmdir, self._dir)):
@@ -383,7 +387,8 @@ class Terminal:
         self._fifo: ResizeFifo | None = None
         if resizeFifo:
             try:
-                self._fifo = ResizeFifo(reactor, resizeFifo, self.size.resize)  # type: ignore[arg-type]
+                # A reactor that listens on unix sockets is a whole reactor.
+                self._fifo = ResizeFifo(cast(IReactorFDSet, reactor), resizeFifo, self.size.resize)
             except OSError as e:
                 _log.warn("cannot open the resize FIFO {path} ({e}); resizing is off", path=resizeFifo, e=e)
 
@@ -408,8 +413,7 @@ class Terminal:
         d = self.console.receive()
         d.addTimeout(grace, self._clock)
         d.addErrback(timedOut)
-        d.addCallback(self._connect)
-        return d
+        return d.addCallback(self._connect)
 
     def _connect(self, master: int) -> None:
         self.size.setMaster(master)

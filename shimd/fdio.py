@@ -96,7 +96,7 @@ class ReadPipe(abstract.FileDescriptor):
         self._dataReceived(data)
         return None
 
-    def writeSomeData(self, data: bytes) -> object:
+    def writeSomeData(self, data: bytes) -> int | BaseException:
         return main.CONNECTION_LOST
 
     def close(self) -> None:
@@ -170,7 +170,7 @@ class WritePipe(abstract.FileDescriptor):
             data = data[written:]
         super().write(data)
 
-    def writeSomeData(self, data: bytes) -> object:
+    def writeSomeData(self, data: bytes) -> int | BaseException:
         try:
             written = os.write(self.fd, data)
         except (BlockingIOError, InterruptedError):

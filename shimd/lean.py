@@ -69,12 +69,12 @@ def keepLean(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     if environ.get("SHIMD_ALLOW_TLS"):
         return False
     if _Refuse not in sys.meta_path:
-        sys.meta_path.insert(0, _Refuse)  # type: ignore[arg-type]
+        sys.meta_path.insert(0, _Refuse)
     for name in LAZY:
         if name not in sys.modules:
             stub = _LazyModule(name)
             stub.__spec__ = None
-            stub.__file__ = None  # type: ignore[assignment]
+            stub.__file__ = None
             stub.__loader__ = None
             sys.modules[name] = stub
     return True

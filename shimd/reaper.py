@@ -83,7 +83,7 @@ class ExitWatcher(abstract.FileDescriptor):
             self.exited.callback(status)
         return main.CONNECTION_DONE
 
-    def writeSomeData(self, data: bytes) -> object:
+    def writeSomeData(self, data: bytes) -> int | BaseException:
         return main.CONNECTION_LOST
 
     def kill(self, signal: int) -> None:

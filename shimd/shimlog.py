@@ -22,8 +22,10 @@ import sys
 import time
 from collections.abc import Callable
 
+from constantly import NamedConstant
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     LogLevel,
@@ -213,6 +215,7 @@ class JSONLineFileObserver:
                 pass
 
 
+@implementer(ILogFilterPredicate)
 class _NamespacePrefixPredicate:
     """
     Accept (C{maybe}) only events whose C{log_namespace} starts with a prefix.
@@ -224,7 +227,7 @@ class _NamespacePrefixPredicate:
         """
         self.prefix = prefix
 
-    def __call__(self, event: LogEvent) -> PredicateResult:
+    def __call__(self, event: LogEvent) -> NamedConstant:
         """
         @return: C{maybe} if the namespace matches, else C{no}.
         """
@@ -247,7 +250,7 @@ class ClosableFilteringObserver(FilteringLogObserver):
         self,
         observer: ILogObserver,
         levelPredicate: LogLevelFilterPredicate,
-        extraPredicates: list[Callable[[LogEvent], PredicateResult]] | None = None,
+        extraPredicates: list[ILogFilterPredicate] | None = None,
     ) -> None:
         """
         @param observer: The wrapped observer; its C{close()} (if any) is
@@ -255,7 +258,7 @@ class ClosableFilteringObserver(FilteringLogObserver):
         @param levelPredicate: Drops events below its level.
         @param extraPredicates: Further predicates, applied after the level.
         """
-        predicates = [levelPredicate, *(extraPredicates or [])]
+        predicates: list[ILogFilterPredicate] = [levelPredicate, *(extraPredicates or [])]
         super().__init__(observer, predicates)
         self.observer = observer
         self.levelPredicate = levelPredicate
@@ -286,7 +289,7 @@ def jsonLineObserver(
     """
     minimum = parseLevel(level)
     fileObserver = JSONLineFileObserver(path)
-    extra: list[Callable[[LogEvent], PredicateResult]] = []
+    extra: list[ILogFilterPredicate] = []
     if namespacePrefix is not None:
         extra.append(_NamespacePrefixPredicate(namespacePrefix))
     return ClosableFilteringObserver(
