@@ -90,6 +90,7 @@ class OutputStream:
         self._stallTimer: IDelayedCall | None = None
         self._drainTimer: IDelayedCall | None = None
         self._drainIdle = 0.0
+        self._chunks = 0
         self._finished = False
         self.ended: Deferred[None] = Deferred()
         self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF)
@@ -191,6 +192,7 @@ class OutputStream:
     # -- data ------------------------------------------------------------
 
     def _dataReceived(self, data: bytes) -> None:
+        self._chunks += 1
         if self._containerLog is not None:
             self._containerLog.write(self.name, data)
         queued = False
@@ -236,6 +238,18 @@ class OutputStream:
 
     def _drainTimedOut(self) -> None:
         self._drainTimer = None
+        # A timer can fire late, after this whole process was starved of CPU,
+        # with output waiting that the reactor has not read yet (timed calls
+        # run before the poll): read what is there before giving up.
+        if self.reader.fd >= 0 and not self._paused:
+            before = self._chunks
+            why = self.reader.doRead()
+            if why is not None:
+                self.reader.close()  # end of file after all
+                return
+            if self._chunks != before:
+                self._armDrainTimer()
+                return
         self._log.info(
             "{stream}: no end of file {idle}s after the process exited "
             "(a background process holds the pipe); stopped reading it",

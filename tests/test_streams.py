@@ -152,6 +152,20 @@ class OutputStreamTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.stream.reader.fd, -1)
 
+    def test_lateDrainTimerReadsFirst(self) -> None:
+        """
+        A drain timer that fires late (the shim was starved) with output
+        waiting reads it instead of giving up on it.
+        """
+        _, r = self.sink()
+        d = self.stream.drain(2.0)
+        os.write(self.container, b"waiting\n")  # the reactor has not read it yet
+        self.reactor.advance(2.1)
+        self.assertNoResult(d)
+        self.assertEqual(readAll(r), b"waiting\n")
+        self.reactor.advance(2.1)
+        self.successResultOf(d)
+
     def test_drainEndsAtEOF(self) -> None:
         d = self.stream.drain(2.0)
         os.close(self.container)
