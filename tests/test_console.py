@@ -44,7 +44,15 @@ def openPty(test: SynchronousTestCase) -> tuple[int, int]:
 
 
 def openFds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
+    """Our open fds; not the one listdir itself held (it is closed by now)."""
+    fds = set()
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(n))
+        except OSError:
+            continue
+        fds.add(int(n))
+    return fds
 
 
 class ParseResizeTests(SynchronousTestCase):
