@@ -241,7 +241,8 @@ async def _request(
     except ConnectError as e:
         alive = shimAlive(workdir)
         state = " (the shim is not running)" if alive is False else ""
-        raise AttachError(f"cannot connect to the attach socket {path}{state}: {e.osError or e}") from None
+        why = os.strerror(e.osError) if isinstance(e.osError, int) else str(e.osError or e)
+        raise AttachError(f"cannot connect to the attach socket {path}{state}: {why}") from None
 
     def checkShim() -> None:
         if shimAlive(workdir) is False and not protocol.reply.called:
@@ -411,6 +412,10 @@ def runAttach(
             parseDetachKeys(detachKeys)
         except ValueError as e:
             return fail(str(e))
+    if not os.path.isfile(os.path.join(workdir, "process.json")):
+        return fail(f"{workdir} is not a container workdir (it has no process.json)")
+    if os.path.exists(os.path.join(workdir, "exit")):
+        return fail("the container has exited; there is nothing to attach to")
     terminal, resizeFifo = _terminal(workdir)
     local: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if attachStdin and terminal:

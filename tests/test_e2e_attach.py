@@ -419,7 +419,7 @@ class CommandTests(AttachMixin, TestCase):
         p = self.shimdAttach(c)
         _, err = p.communicate(timeout=30)
         self.assertEqual(p.returncode, 125)
-        self.assertIn(b"cannot connect to the attach socket", err)
+        self.assertIn(b"the container has exited", err)
 
 
 def _kill(p: subprocess.Popen[bytes]) -> None:
