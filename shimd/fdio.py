@@ -51,15 +51,41 @@ def openFifo(path: str, flags: int) -> int:
     return fd
 
 
-class ReadPipe(abstract.FileDescriptor):
+class OwnedDescriptor(abstract.FileDescriptor):
+    """
+    A reactor descriptor that owns one fd and closes it, once, when its
+    connection is lost; subclasses hear of it in L{fdClosed}.
+    """
+
+    connected = True
+    fd: int
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """Stop watching and close the descriptor now."""
+        if self.fd >= 0 and not self.disconnected:
+            self.connectionLost(Failure(main.CONNECTION_DONE))
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.fdClosed(reason)
+
+    def fdClosed(self, reason: Failure) -> None:
+        """The fd was closed, for C{reason}."""
+
+
+class ReadPipe(OwnedDescriptor):
     """
     Reads a pipe, FIFO or pty master and hands every chunk to a callback.
 
     @ivar eof: called once, with the reason, when the descriptor is done
         (end of file, error or L{close}).
     """
-
-    connected = True
 
     def __init__(
         self,
@@ -79,9 +105,6 @@ class ReadPipe(abstract.FileDescriptor):
         if fd >= 0:  # -1: the descriptor comes later (OutputStream.setSource)
             setNonBlocking(fd)
 
-    def fileno(self) -> int:
-        return self.fd
-
     def doRead(self) -> object:
         try:
             data = os.read(self.fd, self._chunkSize)
@@ -99,20 +122,11 @@ class ReadPipe(abstract.FileDescriptor):
     def writeSomeData(self, data: bytes) -> int | BaseException:
         return main.CONNECTION_LOST
 
-    def close(self) -> None:
-        """Stop reading and close the descriptor now."""
-        if self.fd >= 0 and not self.disconnected:
-            self.connectionLost(Failure(main.CONNECTION_DONE))
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-            self._eof(reason)
+    def fdClosed(self, reason: Failure) -> None:
+        self._eof(reason)
 
 
-class WritePipe(abstract.FileDescriptor):
+class WritePipe(OwnedDescriptor):
     """
     A buffered, non-blocking writer for a pipe or FIFO write end (or a pty
     master).
@@ -126,8 +140,6 @@ class WritePipe(abstract.FileDescriptor):
         which the queue last became non-empty; used for the stall policy.
     @ivar lost: called once with the reason when the descriptor is gone.
     """
-
-    connected = True
 
     def __init__(
         self,
@@ -148,9 +160,6 @@ class WritePipe(abstract.FileDescriptor):
             # kernel reports EPOLLERR on a write end whose readers are all
             # gone, which we only hear about if we ask for read events.
             self.startReading()
-
-    def fileno(self) -> int:
-        return self.fd
 
     def pending(self) -> int:
         """Bytes queued in user space, not yet handed to the kernel."""
@@ -206,7 +215,6 @@ class WritePipe(abstract.FileDescriptor):
         self._tempDataLen = 0
         self.offset = 0
         super().connectionLost(reason)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-            self.lost(reason)
+
+    def fdClosed(self, reason: Failure) -> None:
+        self.lost(reason)

@@ -19,10 +19,11 @@ import os
 import signal as signal_
 from typing import Iterable
 
-from twisted.internet import abstract, main
+from twisted.internet import main
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet
-from twisted.python.failure import Failure
+
+from shimd.fdio import OwnedDescriptor
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -48,7 +49,7 @@ def statusFromWaitid(result: os.waitid_result) -> int:
     return 128 + result.si_status
 
 
-class ExitWatcher(abstract.FileDescriptor):
+class ExitWatcher(OwnedDescriptor):
     """
     Watches one process through a pidfd.
 
@@ -57,17 +58,12 @@ class ExitWatcher(abstract.FileDescriptor):
         known).
     """
 
-    connected = True
-
     def __init__(self, reactor: IReactorFDSet, pid: int) -> None:
         super().__init__(reactor)
         self.pid = pid
         self.fd = os.pidfd_open(pid)
         self.exited: Deferred[int | None] = Deferred()
         self.startReading()
-
-    def fileno(self) -> int:
-        return self.fd
 
     def doRead(self) -> object:
         try:
@@ -94,16 +90,6 @@ class ExitWatcher(abstract.FileDescriptor):
             except ProcessLookupError:
                 pass
 
-    def close(self) -> None:
-        """Stop watching (the status is then never reported)."""
-        if self.fd >= 0:
-            self.connectionLost(Failure(main.CONNECTION_DONE))
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def _children() -> list[int]:

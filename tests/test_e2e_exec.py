@@ -155,7 +155,7 @@ class ExecTests(RunningContainerMixin, TestCase):
             reader.wait()
             code = self.engine.reapShim(e)
             self.assertEqual(code, 0)
-            self.assertGreater(got, count * 8)
+            self.assertGreater(got, count * 2)  # each number and its newline; the digest checks the rest
             self.assertEqual(digest, expected)
             self.assertTrue(stopped)
         finally:
