@@ -27,16 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from shimd.fdio import READ_CHUNK, ReadPipe, WritePipe, setNonBlocking
-
-
-GATHER_DELAY = 0.001
-"""After a read of at least L{GATHER_MIN} bytes that did not fill the buffer,
-wait this long before reading again, so that a burst is read in large
-chunks rather than in as many small ones as the container writes."""
-
-GATHER_MIN = 8 * 1024
-"""Smaller reads (interactive output) are never delayed."""
+from shimd.fdio import ReadPipe, WritePipe, setNonBlocking
 
 
 class StreamLog(Protocol):
@@ -100,7 +91,6 @@ class OutputStream:
         self._drainTimer: IDelayedCall | None = None
         self._drainIdle = 0.0
         self._chunks = 0
-        self._gathering: IDelayedCall | None = None
         self._finished = False
         self.ended: Deferred[None] = Deferred()
         self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF)
@@ -112,7 +102,7 @@ class OutputStream:
         assert self.reader.fd < 0 and not self.ended.called
         setNonBlocking(fd)
         self.reader.fd = fd
-        if not self._paused and self._gathering is None:
+        if not self._paused:
             self.reader.startReading()
 
     # -- sinks ---------------------------------------------------------
@@ -153,7 +143,7 @@ class OutputStream:
 
     def _sinkResumed(self, writer: WritePipe) -> None:
         self._paused.discard(writer)
-        if not self._paused and self._gathering is None and self.reader.fd >= 0:
+        if not self._paused and self.reader.fd >= 0:
             self.reader.startReading()
             self._armDrainTimer()
 
@@ -213,16 +203,6 @@ class OutputStream:
             self._armStallTimer()
         if self._drainTimer is not None and self._drainTimer.active():
             self._drainTimer.reset(self._drainIdle)
-        if GATHER_MIN <= len(data) < READ_CHUNK and self._gathering is None and self.reader.fd >= 0:
-            # A burst that we are keeping up with: let more of it arrive
-            # (the pipe holds 1 MiB) instead of waking for every write.
-            self.reader.stopReading()
-            self._gathering = self._clock.callLater(GATHER_DELAY, self._gathered)
-
-    def _gathered(self) -> None:
-        self._gathering = None
-        if not self._paused and self.reader.fd >= 0:
-            self.reader.startReading()
 
     def _eof(self, reason: Failure) -> None:
         if self._drainTimer is not None and self._drainTimer.active():

@@ -13,8 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shimd.fdio import READ_CHUNK, WritePipe
-from shimd.streams import GATHER_DELAY, GATHER_MIN, OutputStream, StdinPipe
+from shimd.fdio import WritePipe
+from shimd.streams import OutputStream, StdinPipe
 
 
 class FakeLog:
@@ -103,42 +103,6 @@ class OutputStreamTests(SynchronousTestCase):
         self.assertEqual(len(got), sent)
         self.assertIn(self.stream.reader, self.reactor.getReaders())
         self.assertEqual(self.stream.sinkCount(), 1)
-
-    def test_burstIsGathered(self) -> None:
-        """
-        A read of at least GATHER_MIN bytes that did not fill the buffer
-        pauses reading for GATHER_DELAY; small reads and full ones do not.
-        """
-        readers = self.reactor.getReaders
-        self.feed(b"a" * 100)
-        self.assertIn(self.stream.reader, readers())
-        self.feed(b"b" * READ_CHUNK)
-        self.assertIn(self.stream.reader, readers())
-        self.feed(b"c" * GATHER_MIN)
-        self.assertNotIn(self.stream.reader, readers())
-        os.write(self.container, b"d" * 100)
-        self.reactor.advance(GATHER_DELAY)
-        self.assertIn(self.stream.reader, readers())
-        self.stream.reader.doRead()
-        expected = b"a" * 100 + b"b" * READ_CHUNK + b"c" * GATHER_MIN + b"d" * 100
-        self.assertEqual(b"".join(data for _, data in self.log.records), expected)
-
-    def test_gatherKeepsBackpressure(self) -> None:
-        """The end of a gathering pause does not resume a source that a slow sink paused."""
-        writer, r = self.sink()
-        self.feed(b"x" * READ_CHUNK)  # fills the sink's pipe
-        self.feed(b"y" * 60000)  # queued in the sink; a gathering pause begins
-        self.feed(b"z" * 60000)  # over the high-water mark: the sink pauses the source
-        self.assertGreater(writer.pending(), 0)
-        self.reactor.advance(GATHER_DELAY)
-        self.assertNotIn(self.stream.reader, self.reactor.getReaders())
-        got = b""
-        while writer.pending():
-            got += readAll(r)
-            writer.doWrite()
-        got += readAll(r)
-        self.assertEqual(len(got), READ_CHUNK + 120000)
-        self.assertIn(self.stream.reader, self.reactor.getReaders())
 
     def test_stalledReaderDropped(self) -> None:
         """No progress for the stall timeout: dropped; the source resumes for the others."""
