@@ -435,9 +435,10 @@ class ShimService(service.MultiService):
         assert self.runc is not None
         cid = self.config.containerId
         await self._waitForStartToFinish()
-        for step in (self.runc.kill(cid, "SIGKILL", all=True), self.runc.delete(cid, force=True)):
+        # One after the other: building both Deferreds first ran them at once.
+        for step in (lambda: self.runc.kill(cid, "SIGKILL", all=True), lambda: self.runc.delete(cid, force=True)):
             try:
-                await step
+                await step()
             except RuntimeFailure as e:
                 self._log.debug("{msg}", msg=str(e))
 
