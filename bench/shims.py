@@ -231,6 +231,15 @@ class Runner:
 
     # -- shared steps --------------------------------------------------------
 
+    def stopIfRunning(self, run: Run) -> None:
+        """Kill a container that is still running and wait (bounded) for its exit."""
+        if run.proc is not None and run.proc.poll() is None and run.status is None:
+            run.runc("kill", run.id, "KILL")
+            try:
+                self.waitExit(run, timeout=30)
+            except BenchError:
+                pass
+
     def waitPid(self, run: Run, timeout: float = 60.0) -> float:
         """Wait for the pid file; return the time it was seen."""
         assert run.watch is not None
@@ -337,12 +346,7 @@ class ShimdRunner(Runner):
 
     def finish(self, run: Run) -> None:
         c: Container = run.extra["container"]
-        if run.proc is not None and run.proc.poll() is None and run.status is None:
-            run.runc("kill", run.id, "KILL")
-            try:
-                self.waitExit(run, timeout=30)
-            except BenchError:
-                pass
+        self.stopIfRunning(run)
         self.reap(run)
         if run.watch is not None:
             run.watch.close()
@@ -413,12 +417,7 @@ class ConmonRunner(Runner):
         return data.count(b"\n"), data.count(b" stdout F ")
 
     def finish(self, run: Run) -> None:
-        if run.proc is not None and run.proc.poll() is None and run.status is None:
-            run.runc("kill", run.id, "KILL")
-            try:
-                self.waitExit(run, timeout=30)
-            except BenchError:
-                pass
+        self.stopIfRunning(run)
         if run.proc is not None and run.proc.poll() is None:
             try:
                 run.proc.wait(10)
