@@ -15,10 +15,11 @@ Everything here is non-blocking and bytes-only.  The rules that matter:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import abstract, main
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
@@ -37,6 +38,46 @@ BURST_MIN = 4096
 def setNonBlocking(fd: int) -> None:
     """Set C{O_NONBLOCK} on C{fd}."""
     os.set_blocking(fd, False)
+
+
+SPLICE_F_NONBLOCK = 2
+
+_libc: Any = None
+
+
+def isPipe(fd: int) -> bool:
+    """Whether C{fd} is a pipe or FIFO (what C{tee(2)} takes)."""
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def tee(fdIn: int, fdOut: int, length: int) -> int:
+    """
+    C{tee(2)}, non-blocking: duplicate up to C{length} bytes from the front
+    of pipe C{fdIn} into pipe C{fdOut} without consuming them (the kernel
+    shares the pages; nothing is copied).
+
+    @return: the bytes duplicated; 0 when C{fdIn} is empty or C{fdOut} is
+        full (C{EAGAIN}).
+    @raise OSError: C{EPIPE} when C{fdOut} has no reader, C{EINVAL} when
+        either is not a pipe (or both are the same pipe).
+    """
+    global _libc
+    if _libc is None:
+        # dlopen(NULL): the symbols already loaded, libc among them.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.tee.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+        libc.tee.restype = ctypes.c_ssize_t
+        _libc = libc
+    n: int = _libc.tee(fdIn, fdOut, length, SPLICE_F_NONBLOCK)
+    if n >= 0:
+        return n
+    err = ctypes.get_errno()
+    if err in (errno.EAGAIN, errno.EINTR):
+        return 0
+    raise OSError(err, os.strerror(err))
 
 
 def openFifo(path: str, flags: int) -> int:
@@ -101,13 +142,19 @@ class ReadPipe(OwnedDescriptor):
         eof: Callable[[Failure], object] = lambda reason: None,
         eioIsEOF: bool = False,
         chunkSize: int = READ_CHUNK,
+        read: Callable[[int, int], bytes] = os.read,
     ) -> None:
+        """
+        @param read: reads a chunk (C{os.read}'s signature and errors); a
+            stream that tees its pipe to its sinks first hooks in here.
+        """
         super().__init__(reactor)
         self.fd = fd
+        self.chunkSize = chunkSize
+        self._read = read
         self._dataReceived = dataReceived
         self._eof = eof
         self._eioIsEOF = eioIsEOF
-        self._chunkSize = chunkSize
         if fd >= 0:  # -1: the descriptor comes later (OutputStream.setSource)
             setNonBlocking(fd)
 
@@ -128,7 +175,7 @@ class ReadPipe(OwnedDescriptor):
         # other descriptors' sake.
         for _ in range(READ_BURST):
             try:
-                data = os.read(self.fd, self._chunkSize)
+                data = self._read(self.fd, self.chunkSize)
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as e:
@@ -162,6 +209,7 @@ class WritePipe(OwnedDescriptor):
     @ivar lastProgress: the time of the last write that moved bytes, or at
         which the queue last became non-empty; used for the stall policy.
     @ivar lost: called once with the reason when the descriptor is gone.
+    @ivar teeable: whether L{teeFrom} may be used (the descriptor is a pipe).
     """
 
     def __init__(
@@ -177,6 +225,7 @@ class WritePipe(OwnedDescriptor):
         self._clock = clock
         self.lost = lost
         self.lastProgress = clock.seconds()
+        self.teeable = isPipe(fd)
         setNonBlocking(fd)
         if watchReader:
             # The "read hack" of twisted.internet.process.ProcessWriter: the
@@ -201,6 +250,30 @@ class WritePipe(OwnedDescriptor):
                 return
             data = data[written:]
         super().write(data)
+
+    def teeFrom(self, fd: int, length: int) -> int:
+        """
+        Duplicate up to C{length} bytes from the front of pipe C{fd} into
+        ours with C{tee(2)}, when nothing is queued here (else the order
+        would break) and this descriptor is a pipe.  The caller owes the
+        rest: it must write what it reads from C{fd} minus the first
+        C{n} bytes.
+
+        @return: C{n}, the bytes duplicated (0: use L{write}).
+        """
+        if not self.teeable or self.pending() or not self.connected or self.disconnecting:
+            return 0
+        try:
+            n = tee(fd, self.fd, length)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                self._lose(main.CONNECTION_LOST)
+            else:  # EINVAL: not a pipe after all; write() will tell the rest
+                self.teeable = False
+            return 0
+        if n:
+            self.lastProgress = self._clock.seconds()
+        return n
 
     def writeSomeData(self, data: bytes) -> int | BaseException:
         try:

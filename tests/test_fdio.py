@@ -9,11 +9,15 @@ from __future__ import annotations
 import fcntl
 import os
 
+import errno
+import socket
+
 from twisted.internet import main
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shimd.fdio import BURST_MIN, READ_BURST, ReadPipe
+from shimd.fdio import BURST_MIN, READ_BURST, ReadPipe, WritePipe, tee
 
 
 class ReadBurstTests(SynchronousTestCase):
@@ -74,3 +78,101 @@ class ReadBurstTests(SynchronousTestCase):
         self.w = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         self.assertIs(self.reader.doRead(), main.CONNECTION_DONE)
         self.assertEqual(b"".join(self.chunks), b"z" * (BURST_MIN * 2))
+
+
+class TeeTests(SynchronousTestCase):
+    """L{tee} and L{WritePipe.teeFrom}: duplicate a pipe's bytes into another."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.src, self.srcW = self.pipe()
+        self.dst, self.dstW = self.pipe()
+
+    def pipe(self) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        for fd in (r, w):
+            self.addCleanup(self.close, fd)
+        return r, w
+
+    @staticmethod
+    def close(fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def test_duplicatesWithoutConsuming(self) -> None:
+        os.write(self.srcW, b"abcdef")
+        self.assertEqual(tee(self.src, self.dstW, 4), 4)
+        self.assertEqual(os.read(self.dst, 100), b"abcd")
+        self.assertEqual(os.read(self.src, 100), b"abcdef")
+
+    def test_emptySourceIsZero(self) -> None:
+        self.assertEqual(tee(self.src, self.dstW, 100), 0)
+
+    def test_fullTargetIsZero(self) -> None:
+        fcntl.fcntl(self.dstW, fcntl.F_SETPIPE_SZ, 4096)
+        os.write(self.dstW, b"x")
+        os.write(self.srcW, b"y")
+        self.assertEqual(tee(self.src, self.dstW, 100), 0)
+
+    def test_goneReaderIsEPIPE(self) -> None:
+        os.write(self.srcW, b"y")
+        os.close(self.dst)
+        e = self.assertRaises(OSError, tee, self.src, self.dstW, 100)
+        self.assertEqual(e.errno, errno.EPIPE)
+
+    def test_notAPipeIsEINVAL(self) -> None:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        os.write(self.srcW, b"y")
+        e = self.assertRaises(OSError, tee, self.src, a.fileno(), 100)
+        self.assertEqual(e.errno, errno.EINVAL)
+
+    def writer(self) -> tuple[WritePipe, list[Failure]]:
+        lost: list[Failure] = []
+        writer = WritePipe(self.reactor, self.dstW, self.reactor, lost=lost.append)
+        self.addCleanup(writer.abort)
+        return writer, lost
+
+    def test_teeFromCountsAsProgress(self) -> None:
+        writer, _ = self.writer()
+        self.reactor.advance(5)
+        os.write(self.srcW, b"abc")
+        self.assertEqual(writer.teeFrom(self.src, 100), 3)
+        self.assertEqual(writer.lastProgress, 5)
+
+    def test_teeFromNotWithAQueue(self) -> None:
+        """Queued bytes go first: no tee while any are queued."""
+        writer, _ = self.writer()
+        fcntl.fcntl(self.dstW, fcntl.F_SETPIPE_SZ, 4096)
+        writer.write(b"q" * 5000)
+        self.assertEqual(writer.pending(), 5000 - 4096)
+        os.read(self.dst, 4096)  # room in the pipe again
+        os.write(self.srcW, b"t")
+        self.assertEqual(writer.teeFrom(self.src, 100), 0)
+        self.assertRaises(BlockingIOError, os.read, self.dst, 100)
+
+    def test_teeFromGoneReader(self) -> None:
+        """EPIPE from tee: the writer is gone (on the next turn, as for a write)."""
+        writer, lost = self.writer()
+        os.write(self.srcW, b"t")
+        os.close(self.dst)
+        self.assertEqual(writer.teeFrom(self.src, 100), 0)
+        self.assertFalse(writer.connected)
+        self.assertEqual(lost, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(lost), 1)
+        self.assertEqual(writer.fd, -1)
+        self.assertTrue(writer.teeable)
+
+    def test_notAPipeNotTeeable(self) -> None:
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        writer = WritePipe(self.reactor, a.detach(), self.reactor)
+        self.addCleanup(writer.abort)
+        self.assertFalse(writer.teeable)
+        os.write(self.srcW, b"t")
+        self.assertEqual(writer.teeFrom(self.src, 100), 0)
+        self.assertEqual(os.read(self.src, 100), b"t")
