@@ -13,6 +13,11 @@ The policy for output sinks (engine FIFOs, attach sessions):
    C{stallTimeout} seconds while data is queued for it is dropped too.  The
    rest carry on.  C{EAGAIN} is never "gone".
  - The json-file log is written synchronously and never dropped.
+
+Each chunk is read once.  A sink that is a pipe and has nothing queued gets
+it by C{tee(2)} before the read (the kernel shares the pages: no copy, and
+no write); the others get it by write.  Either way a sink gets the same
+bytes in the same order.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from shimd.fdio import ReadPipe, WritePipe, setNonBlocking
+from shimd.fdio import ReadPipe, WritePipe, isPipe, setNonBlocking
 
 
 class StreamLog(Protocol):
@@ -85,6 +90,8 @@ class OutputStream:
         self._containerLog = log
         self._stallTimeout = stallTimeout
         self._sinks: dict[WritePipe, str] = {}
+        self._ahead: dict[WritePipe, int] = {}
+        self._teeSource = fd >= 0 and isPipe(fd)
         self._paused: set[WritePipe] = set()
         self._closing: dict[WritePipe, Deferred[None]] = {}
         self._stallTimer: IDelayedCall | None = None
@@ -93,7 +100,7 @@ class OutputStream:
         self._chunks = 0
         self._finished = False
         self.ended: Deferred[None] = Deferred()
-        self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF)
+        self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF, read=self._read)
         if fd >= 0:
             self.reader.startReading()
 
@@ -102,6 +109,7 @@ class OutputStream:
         assert self.reader.fd < 0 and not self.ended.called
         setNonBlocking(fd)
         self.reader.fd = fd
+        self._teeSource = isPipe(fd)
         if not self._paused:
             self.reader.startReading()
 
@@ -191,13 +199,34 @@ class OutputStream:
 
     # -- data ------------------------------------------------------------
 
+    def _read(self, fd: int, size: int) -> bytes:
+        # Zero-copy fan-out: before the read, tee(2) what the pipe holds
+        # into every sink that has nothing queued (the kernel shares the
+        # pages), and note how far ahead of the read each sink now is.
+        # The read that follows returns at least that much (we are the
+        # pipe's only reader, tee duplicates from its front, and a
+        # non-blocking pipe read returns all it holds up to size), so
+        # _dataReceived writes each sink only the part it did not get.
+        # A sink with bytes queued gets no tee (they must go first), nor
+        # one that is not a pipe; a source that is not a pipe (the pty
+        # master) gets none at all: they all take the write path.
+        if self._teeSource:
+            ahead = self._ahead
+            for writer in self._sinks:
+                n = writer.teeFrom(fd, size)
+                if n:
+                    ahead[writer] = n
+        return os.read(fd, size)
+
     def _dataReceived(self, data: bytes) -> None:
         self._chunks += 1
         if self._containerLog is not None:
             self._containerLog.write(self.name, data)
         queued = False
+        ahead = self._ahead
         for writer in list(self._sinks):
-            writer.write(data)
+            skip = ahead.pop(writer, 0)
+            writer.write(data[skip:] if skip else data)
             queued = queued or writer.pending() > 0
         if queued:
             self._armStallTimer()

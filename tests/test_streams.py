@@ -7,12 +7,15 @@ after an idle period.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from shimd import fdio
 from shimd.fdio import WritePipe
 from shimd.streams import OutputStream, StdinPipe
 
@@ -59,15 +62,41 @@ def readAll(fd: int) -> bytes:
         out += chunk
 
 
+def numbered(start: int, count: int) -> bytes:
+    """C{count} bytes that differ at every offset (a lost, doubled or swapped piece shows)."""
+    lines = b"".join(b"%015d\n" % i for i in range(start // 16, (start + count) // 16 + 2))
+    return lines[start % 16 : start % 16 + count]
+
+
 class OutputStreamTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.log = FakeLog()
         self.source, self.container = pipe(self)
+        fcntl.fcntl(self.source, fcntl.F_SETPIPE_SZ, 1 << 20)
         self.stream = OutputStream(self.reactor, self.reactor, "stdout", self.source, self.log, stallTimeout=10)
+        self.teed: list[int | str] = []
+        realTee = fdio.tee
 
-    def sink(self) -> tuple[WritePipe, int]:
+        def countingTee(fdIn: int, fdOut: int, length: int) -> int:
+            try:
+                n = realTee(fdIn, fdOut, length)
+            except OSError as e:
+                self.teed.append(os.strerror(e.errno or 0))
+                raise
+            self.teed.append(n)
+            return n
+
+        self.patch(fdio, "tee", countingTee)
+
+    def teedBytes(self) -> int:
+        return sum(n for n in self.teed if isinstance(n, int))
+
+    def sink(self, size: int | None = None) -> tuple[WritePipe, int]:
+        """A sink on a pipe of C{size} bytes (the default: 64 KiB)."""
         r, w = pipe(self)
+        if size is not None:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
         writer = WritePipe(self.reactor, w, self.reactor)
         self.stream.addSink(writer, f"sink{w}")
         return writer, r
@@ -83,6 +112,124 @@ class OutputStreamTests(SynchronousTestCase):
         self.assertEqual(readAll(a), b"\xff\x00hello\n")
         self.assertEqual(readAll(b), b"\xff\x00hello\n")
         self.assertEqual(self.log.records, [("stdout", b"\xff\x00hello\n")])
+
+    def test_fanOutByTee(self) -> None:
+        """
+        A sink with nothing queued gets the pipe's bytes by tee(2), not by
+        a write, and gets them once.
+        """
+        writer, r = self.sink()
+        data = numbered(0, 3000)
+        written: list[bytes] = []
+        realWrite = writer.writeSomeData
+        writer.writeSomeData = lambda d: (written.append(d), realWrite(d))[1]  # type: ignore[method-assign]
+        self.feed(data)
+        self.assertEqual(self.teedBytes(), 3000)
+        self.assertEqual(written, [])
+        self.assertEqual(readAll(r), data)
+        self.assertEqual(self.log.records, [("stdout", data)])
+
+    def test_teeAndWriteMixed(self) -> None:
+        """
+        A sink that gets some chunks by tee, one partly by tee (its pipe
+        filled up) and partly queued, and some by write (while its queue is
+        not empty) receives every byte once, in order.
+        """
+        page = 4096
+        writer, r = self.sink(size=4 * page)  # four pipe buffers
+        sent = b""
+
+        def send(n: int) -> None:
+            nonlocal sent
+            data = numbered(len(sent), n)
+            sent += data
+            self.feed(data)
+
+        send(2 * page)  # all by tee: two of four buffers used
+        self.assertEqual(self.teedBytes(), 2 * page)
+        send(3 * page)  # two pages by tee (the pipe is then full), one queued
+        self.assertEqual(self.teedBytes(), 4 * page)
+        self.assertEqual(writer.pending(), page)
+        got = readAll(r)  # room in the pipe again, but a page still queued:
+        send(1000)  # no tee (it would overtake the queue), appended to the queue
+        self.assertEqual(self.teedBytes(), 4 * page)
+        self.assertEqual(writer.pending(), page + 1000)
+        pump(writer)
+        self.assertEqual(writer.pending(), 0)
+        send(page + 7)  # the queue is empty again: by tee
+        self.assertEqual(self.teedBytes(), 5 * page + 7)
+        got += readAll(r)
+        self.assertEqual(len(got), len(sent))
+        self.assertEqual(got, sent)
+        self.assertEqual(b"".join(d for _, d in self.log.records), sent)
+
+    def test_fullSinkTeesNothing(self) -> None:
+        """
+        A sink whose pipe is full gets no tee; the chunk is queued whole
+        and delivered, in order, once the reader catches up.  The other
+        sink is not held back.
+        """
+        page = 4096
+        full, r = self.sink(size=page)
+        other, o = self.sink()
+        first = numbered(0, page)
+        self.feed(first)
+        second = numbered(page, 2 * page)
+        self.feed(second)
+        self.assertEqual(full.pending(), 2 * page)
+        self.assertEqual([n for n in self.teed if n], [page, page, 2 * page])
+        self.assertEqual(readAll(o), first + second)
+        got = readAll(r)
+        while full.pending():
+            pump(full)
+            got += readAll(r)
+        self.assertEqual(got, first + second)
+
+    def test_goneReaderByTee(self) -> None:
+        """
+        tee's EPIPE drops a sink whose reader is gone, at once; the other
+        sink and the log get every byte.
+        """
+        gone, r = self.sink()
+        _, other = self.sink()
+        os.close(r)
+        self.feed(b"one\n")
+        self.assertIn("Broken pipe", self.teed)
+        self.assertFalse(gone.connected)
+        self.reactor.advance(0)
+        self.assertEqual(self.stream.sinkCount(), 1)
+        self.assertEqual(gone.fd, -1)
+        self.feed(b"two\n")
+        self.assertEqual(readAll(other), b"one\ntwo\n")
+        self.assertEqual(self.log.records, [("stdout", b"one\n"), ("stdout", b"two\n")])
+
+    def test_socketSinkByWrite(self) -> None:
+        """A sink that is not a pipe gets its bytes by write."""
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        writer = WritePipe(self.reactor, os.dup(a.fileno()), self.reactor)
+        self.addCleanup(writer.abort)
+        self.stream.addSink(writer, "socket")
+        _, r = self.sink()
+        self.feed(b"both\n")
+        self.assertEqual(b.recv(100), b"both\n")
+        self.assertEqual(readAll(r), b"both\n")
+        self.assertEqual(self.teedBytes(), 5)
+
+    def test_ptySourceByWrite(self) -> None:
+        """A source that is not a pipe (a pty master) is copied by write."""
+        master, slave = os.openpty()
+        self.addCleanup(_close, slave)
+        stream = OutputStream(self.reactor, self.reactor, "stdout", -1, self.log, eioIsEOF=True)
+        r, w = pipe(self)
+        stream.addSink(WritePipe(self.reactor, w, self.reactor), "fifo")
+        stream.setSource(master)
+        self.addCleanup(stream.reader.close)
+        os.write(slave, b"tty")
+        stream.reader.doRead()
+        self.assertEqual(readAll(r), b"tty")
+        self.assertEqual(self.teed, [])
 
     def test_slowReaderPausesSource(self) -> None:
         """Over the high-water mark the source stops; once drained it resumes; no byte lost."""
