@@ -14,14 +14,16 @@ The policy for output sinks (engine FIFOs, attach sessions):
    rest carry on.  C{EAGAIN} is never "gone".
  - The json-file log is written synchronously and never dropped.
 
-Each chunk is read once.  A sink that is a pipe and has nothing queued gets
-it by C{tee(2)} before the read (the kernel shares the pages: no copy, and
-no write); the others get it by write.  Either way a sink gets the same
-bytes in the same order.
+Each chunk is read once, and written to the log before any sink sees it.  A
+sink that is a pipe and has nothing queued gets it by C{tee(2)} (the kernel
+shares the pages: no copy, and no write), from a staging pipe the chunk was
+teed into before the read; the others get it by write.  Either way a sink
+gets the same bytes in the same order.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from typing import Protocol
 
@@ -32,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from shimd.fdio import ReadPipe, WritePipe, isPipe, setNonBlocking
+from shimd.fdio import SPLICE_F_NONBLOCK, ReadPipe, WritePipe, isPipe, setNonBlocking, tee
 
 
 class StreamLog(Protocol):
@@ -90,8 +92,10 @@ class OutputStream:
         self._containerLog = log
         self._stallTimeout = stallTimeout
         self._sinks: dict[WritePipe, str] = {}
-        self._ahead: dict[WritePipe, int] = {}
         self._teeSource = fd >= 0 and isPipe(fd)
+        self._stage: tuple[int, int] | None = None
+        self._null = -1
+        self._staged = 0
         self._paused: set[WritePipe] = set()
         self._closing: dict[WritePipe, Deferred[None]] = {}
         self._stallTimer: IDelayedCall | None = None
@@ -200,22 +204,25 @@ class OutputStream:
     # -- data ------------------------------------------------------------
 
     def _read(self, fd: int, size: int) -> bytes:
-        # Zero-copy fan-out: before the read, tee(2) what the pipe holds
-        # into every sink that has nothing queued (the kernel shares the
-        # pages), and note how far ahead of the read each sink now is.
+        # Zero-copy fan-out, in two steps so that no sink sees a byte
+        # before the log has it.  Here, before the read: tee(2) what the
+        # pipe holds into our staging pipe (the kernel shares the pages).
         # The read that follows returns at least that much (we are the
         # pipe's only reader, tee duplicates from its front, and a
-        # non-blocking pipe read returns all it holds up to size), so
-        # _dataReceived writes each sink only the part it did not get.
-        # A sink with bytes queued gets no tee (they must go first), nor
-        # one that is not a pipe; a source that is not a pipe (the pty
-        # master) gets none at all: they all take the write path.
-        if self._teeSource:
-            ahead = self._ahead
-            for writer in self._sinks:
-                n = writer.teeFrom(fd, size)
-                if n:
-                    ahead[writer] = n
+        # non-blocking pipe read returns all it holds up to size).
+        # _dataReceived then writes the log, tees the staged bytes on to
+        # each sink and writes it only the part it did not get.
+        self._staged = 0
+        if self._teeSource and self._sinks:
+            try:
+                if self._stage is None:
+                    self._stage = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                    fcntl.fcntl(self._stage[1], fcntl.F_SETPIPE_SZ, 2 * size)
+                    self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                self._staged = tee(fd, self._stage[1], size)
+            except OSError:
+                self._teeSource = False  # the write path, as for a pty
+                self._closeStage()
         return os.read(fd, size)
 
     def _dataReceived(self, data: bytes) -> None:
@@ -223,17 +230,44 @@ class OutputStream:
         if self._containerLog is not None:
             self._containerLog.write(self.name, data)
         queued = False
-        ahead = self._ahead
+        staged, self._staged = self._staged, 0
+        stage = self._stage[0] if self._stage is not None else -1
         for writer in list(self._sinks):
-            skip = ahead.pop(writer, 0)
-            writer.write(data[skip:] if skip else data)
+            # A sink with bytes queued, or that is not a pipe, gets no tee.
+            n = writer.teeFrom(stage, staged) if staged else 0
+            writer.write(data[n:] if n else data)
             queued = queued or writer.pending() > 0
+        if staged:
+            self._unstage(staged)
         if queued:
             self._armStallTimer()
         if self._drainTimer is not None and self._drainTimer.active():
             self._drainTimer.reset(self._drainIdle)
 
+    def _unstage(self, count: int) -> None:
+        """Discard the staged bytes (spliced to /dev/null: not copied)."""
+        assert self._stage is not None
+        try:
+            while count > 0:
+                moved = os.splice(self._stage[0], self._null, count, flags=SPLICE_F_NONBLOCK)
+                if moved <= 0:
+                    break
+                count -= moved
+        except OSError:
+            pass
+        if count > 0:  # never; but the stage must be empty for the next chunk
+            self._teeSource = False
+            self._closeStage()
+
+    def _closeStage(self) -> None:
+        for fd in (*(self._stage or ()), self._null):
+            if fd >= 0:
+                os.close(fd)
+        self._stage = None
+        self._null = -1
+
     def _eof(self, reason: Failure) -> None:
+        self._closeStage()
         if self._drainTimer is not None and self._drainTimer.active():
             self._drainTimer.cancel()
         self._drainTimer = None

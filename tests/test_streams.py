@@ -129,6 +129,23 @@ class OutputStreamTests(SynchronousTestCase):
         self.assertEqual(readAll(r), data)
         self.assertEqual(self.log.records, [("stdout", data)])
 
+    def test_logBeforeSinks(self) -> None:
+        """No sink sees a byte before the log has it; the staging pipe is closed at the end."""
+        _, r = self.sink()
+        seen: list[bytes] = []
+
+        class CheckingLog:
+            def write(self, stream: str, data: bytes) -> None:
+                seen.append(readAll(r))
+
+        self.stream._containerLog = CheckingLog()
+        self.feed(b"first\n")
+        self.assertEqual(seen, [b""])
+        self.assertEqual(readAll(r), b"first\n")
+        self.assertGreater(self.teedBytes(), 0)
+        self.stream.reader.close()
+        self.assertIsNone(self.stream._stage)
+
     def test_teeAndWriteMixed(self) -> None:
         """
         A sink that gets some chunks by tee, one partly by tee (its pipe
