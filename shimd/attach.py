@@ -43,14 +43,12 @@ import errno
 import fcntl
 import json
 import os
-import socket
 import stat
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, globalLogPublisher
@@ -58,7 +56,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shimd.fdio import ReadPipe, WritePipe
+from shimd.launch import listenAttach
+from shimd.listener import UnixListener
 from shimd.shimlog import ATTACH_LOG_NAME, jsonLineObserver
+from shimd.sockets import UnixSocket
 from shimd.streams import OutputStream, StdinPipe
 
 LOG_NAMESPACE = "shimd.attach"
@@ -75,9 +76,6 @@ read of container output, a write seldom leaves a remainder to queue (and
 copy again) in user space."""
 MAX_MESSAGE = 32 * 1024
 """A request longer than this is refused and its connection closed."""
-
-SUN_PATH_MAX = 107
-"""Longest path C{bind()} takes for a unix socket (C{sun_path} is 108 bytes)."""
 
 STREAMS = ("stdin", "stdout", "stderr")
 _NULL_TOKEN = b"(null)"
@@ -554,24 +552,18 @@ class AttachServer:
 
         @return: whether it worked; a failure is logged and attach stays off.
         """
-        path = os.path.join(self.workdir, path)
-        size = len(os.fsencode(path))
-        if size > SUN_PATH_MAX:
-            _log.error(
-                "attach socket path {path} is {size} bytes, longer than a unix socket allows "
-                "({max}); attach is disabled",
-                path=path, size=size, max=SUN_PATH_MAX,
-            )
+        listening, why = listenAttach(self.workdir, path)
+        if listening is None:
+            _log.error("{why}; attach is disabled", why=why)
             return False
-        try:
-            _removeStaleSocket(path)
-            self.port = self.reactor.listenUNIX(path, self.factory, backlog=MAX_SESSIONS, mode=0o600)
-        except (OSError, CannotListenError) as e:
-            _log.error("cannot listen on the attach socket {path}: {e}; attach is disabled", path=path, e=e)
-            return False
-        self.socketPath = path
-        _log.info("listening for attach requests on {path}", path=path)
+        self.adopt(listening)
         return True
+
+    def adopt(self, listening: UnixSocket) -> None:
+        """Accept requests on a socket made before the reactor (L{shimd.launch})."""
+        self.port = UnixListener(self.reactor, listening, self.factory)
+        self.socketPath = listening.path
+        _log.info("listening for attach requests on {path}", path=listening.path)
 
     def stop(self) -> None:
         """Stop listening (the socket file is removed), end every session."""
@@ -579,7 +571,7 @@ class AttachServer:
             return
         self.stopped = True
         if self.port is not None:
-            _holdShutdownFor(self.reactor, maybeDeferred(self.port.stopListening))
+            self.port.close()  # the socket file goes at once
         for connection in list(self.factory.connections):
             assert connection.transport is not None
             connection.transport.loseConnection()
@@ -642,55 +634,15 @@ class AttachServer:
         _log.info("attach session {n} ended: {why}", n=session.number, why=why)
 
 
-def _holdShutdownFor(reactor: Any, done: Deferred[object]) -> None:
-    """
-    A reactor that is stopping waits for C{done}: a unix port unlinks its
-    socket on the next reactor turn, which a stop from a timed call skips.
-    """
-    if done.called:
-        return
-    fired: list[bool] = []
-
-    def beforeShutdown() -> Deferred[object]:
-        fired.append(True)
-        return done
-
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", beforeShutdown)
-    done.addBoth(lambda _: None if fired else reactor.removeSystemEventTrigger(trigger))
-
-
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _removeStaleSocket(path: str) -> None:
-    """Unlink a leftover file at C{path}; refuse if a process listens there."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.EISDIR, "a directory is in the way", path)
-    if stat.S_ISSOCK(st.st_mode):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(path)
-            live = True
-        except BlockingIOError:
-            live = True  # a listener whose backlog is full
-        except OSError:
-            live = False
-        finally:
-            probe.close()
-        if live:
-            raise OSError(errno.EADDRINUSE, "another process is listening on it", path)
-    os.unlink(path)
 
 
 def startAttachServer(
     reactor: Any,
     workdir: str,
-    socketPath: str,
+    listening: UnixSocket | None,
+    listenError: str | None,
     streams: dict[str, OutputStream],
     stdin: StdinPipe | None,
     detachKeys: str = DEFAULT_DETACH_KEYS,
@@ -698,7 +650,9 @@ def startAttachServer(
 ) -> AttachServer:
     """
     What the shim does when process.json names an attach socket: open
-    C{attach-log.json}, then listen.  Neither failure stops the container.
+    C{attach-log.json}, then accept on C{listening} (made by
+    L{shimd.launch.launchShim}), or log C{listenError}.  Neither failure
+    stops the container.
     """
     observer = None
     try:
@@ -716,7 +670,10 @@ def startAttachServer(
         detachKeys=detachKeys, stallTimeout=stallTimeout,
     )
     server._observer = observer
-    server.listen(socketPath)
+    if listening is not None:
+        server.adopt(listening)
+    else:
+        _log.error("{why}; attach is disabled", why=listenError)
     return server
 
 

@@ -28,11 +28,15 @@ STARTUP_TRIM_DELAY = 1.0
 """Seconds after start-up that L{shimd.lean.releaseStartupMemory} runs."""
 
 
-def runShim(reactor: Any, config: Any) -> int:
-    """Run one L{shimd.service.ShimService} on C{reactor} until it is done."""
+def runShim(reactor: Any, config: Any, launch: Any = None) -> int:
+    """
+    Run one L{shimd.service.ShimService} on C{reactor} until it is done.
+
+    @param launch: a L{shimd.launch.Launch} already made, if any.
+    """
     from shimd.service import EXIT_ERROR, ShimService
 
-    shim = ShimService(config, reactor)
+    shim = ShimService(config, reactor, launch=launch)
     result: list[int] = []
 
     def done(code: int) -> None:
@@ -50,7 +54,12 @@ def runShim(reactor: Any, config: Any) -> int:
 
 
 def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
-    """The C{isulad-shim} drop-in: argv as iSulad passes it, cwd = workdir."""
+    """
+    The C{isulad-shim} drop-in: argv as iSulad passes it, cwd = workdir.
+
+    runc starts before Twisted is loaded (L{shimd.launch}): the engine
+    waits for the container's pid file, not for our imports.
+    """
     # Before anything imports Twisted: no TLS modules in a shim process.
     from shimd.lean import keepLean
 
@@ -73,19 +82,13 @@ def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
             sys.stderr.write(f"isulad-shim: bad exec timeout {args[4]!r}\n")
             sys.exit(1)
 
-    from shimd.shimlog import LEVELS, startShimLogging
-
     workdir = os.getcwd()
-    try:
-        startShimLogging(workdir, level.lower() if level.lower() in LEVELS else "info")
-    except OSError:
+    from shimd.launch import ShimConfig, describeFailure, launchShim, shimLogWritable
+
+    # The shim log first (iSulad's order): nothing starts if it cannot be written.
+    if not shimLogWritable(workdir):
         sys.stderr.write("failed to init shim log")
         sys.exit(1)
-
-    from twisted.internet import reactor
-
-    from shimd.service import ShimConfig
-
     config = ShimConfig(
         workdir=workdir,
         containerId=containerId,
@@ -94,7 +97,34 @@ def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
         execTimeout=timeout,
         statusFd=1,
     )
-    sys.exit(runShim(reactor, config))
+    launch = None
+    failure = None
+    try:
+        launch = launchShim(config)
+    except Exception as e:
+        failure = describeFailure(e)
+        if failure is None:
+            raise
+
+    # runc is working: now Twisted.
+    from shimd.shimlog import LEVELS, startShimLogging
+
+    try:
+        startShimLogging(workdir, level.lower() if level.lower() in LEVELS else "info")
+    except OSError:
+        sys.stderr.write("failed to init shim log")
+        failure = failure or "failed to init shim log"
+    if failure is not None:
+        from twisted.logger import Logger
+
+        Logger(namespace="shimd.service.ShimService").error("{msg}", msg=failure)
+        if launch is not None:
+            launch.close()
+        sys.exit(1)
+
+    from twisted.internet import reactor
+
+    sys.exit(runShim(reactor, config, launch))
 
 
 def _run(opts: argparse.Namespace) -> int:

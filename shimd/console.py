@@ -30,26 +30,20 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import tempfile
 import termios
 from typing import Any, Callable, cast
 
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import (
-    IFileDescriptorReceiver,
-    IListeningPort,
-    IReactorCore,
-    IReactorFDSet,
-    IReactorTime,
-    IReactorUNIX,
-)
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IFileDescriptorReceiver, IReactorFDSet, IReactorTime, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shimd.fdio import ReadPipe, openFifo
+from shimd.fdio import ReadPipe
+from shimd.launch import openFifo
+from shimd.listener import UnixListener
+from shimd.sockets import UnixSocket, listenPrivate
 from shimd.streams import OutputStream, StdinPipe
 
 MAX_DIMENSION = 65535
@@ -123,8 +117,7 @@ class ConsoleSocket(Factory[Any]):
     def __init__(self, reactor: IReactorUNIX, directory: str | None = None) -> None:
         self._reactor = reactor
         self._parent = directory
-        self._dir: str | None = None
-        self._port: IListeningPort | None = None
+        self._listener: UnixListener | None = None
         self.path: str | None = None
         self._fd: int | None = None
         self._error: str | None = None
@@ -133,16 +126,16 @@ class ConsoleSocket(Factory[Any]):
 
     def listen(self) -> str:
         """Start listening; return the path to give the runtime."""
-        parent = self._parent
-        if parent is None:
-            parent = "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
-        self._dir = tempfile.mkdtemp(prefix="shimd-", dir=parent)
-        self.path = os.path.join(self._dir, "pty.sock")
         try:
-            self._port = self._reactor.listenUNIX(self.path, self, backlog=2, mode=0o600)
-        except CannotListenError as e:
-            self._removeSocket()
-            raise ConsoleError(f"cannot listen on the console socket {self.path}: {e.socketError}") from e
+            listening = listenPrivate(self._parent, "pty.sock", backlog=2)
+        except OSError as e:
+            raise ConsoleError(f"cannot listen on a console socket: {e.strerror}: {e.filename}") from e
+        return self.adopt(listening)
+
+    def adopt(self, listening: UnixSocket) -> str:
+        """Accept on a socket made before the reactor (L{shimd.launch}); return its path."""
+        self.path = listening.path
+        self._listener = UnixListener(self._reactor, listening, self)
         return self.path
 
     def receive(self) -> Deferred[int]:
@@ -191,35 +184,10 @@ class ConsoleSocket(Factory[Any]):
                 d.errback(ConsoleError(self._error))
 
     def _stopListening(self) -> None:
-        if self._port is None:
-            return
-        port, self._port = self._port, None
-        # The port closes and unlinks the socket on the next turn of the
-        # reactor, the directory goes after it; a reactor that is stopping
-        # waits for that.
-        done = maybeDeferred(port.stopListening).addBoth(lambda _: self._removeSocket())
-        fired = []
-
-        def beforeShutdown() -> Deferred[None]:
-            fired.append(True)
-            return done
-
-        # A reactor that listens on unix sockets is a whole reactor.
-        core = cast(IReactorCore, self._reactor)
-        trigger = core.addSystemEventTrigger("before", "shutdown", beforeShutdown)
-        done.addBoth(lambda _: None if fired else core.removeSystemEventTrigger(trigger))
-
-    def _removeSocket(self) -> None:
-        for remove, path in ((os.unlink, self.path), (os.rmdir, self._dir)):
-            if path is None:
-                continue
-            try:
-                remove(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                _log.warn("console socket: cannot remove {path}: {e}", path=path, e=e)
-        self._dir = None
+        """Stop accepting; the socket and its directory are removed at once."""
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            listener.close()
 
     def close(self) -> None:
         """Stop listening, remove the socket, close a master nobody took."""
@@ -319,11 +287,15 @@ class ResizeFifo:
     logged and ignored; nothing here can stop IO (iSulad bug B6).
     """
 
-    def __init__(self, reactor: IReactorFDSet, path: str, resize: Callable[[int, int], object]) -> None:
+    def __init__(
+        self, reactor: IReactorFDSet, path: str, resize: Callable[[int, int], object], fd: int | None = None
+    ) -> None:
+        """@param fd: C{path} already open for reading (by L{shimd.launch})."""
         self.path = path
         self._resize = resize
         self._closing = False
-        fd = openFifo(path, os.O_RDONLY)
+        if fd is None:
+            fd = openFifo(path, os.O_RDONLY)
         try:
             self._writeEnd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -377,18 +349,29 @@ class Terminal:
         stdin: StdinPipe,
         resizeFifo: str | None = None,
         socketDirectory: str | None = None,
+        console: UnixSocket | None = None,
+        resizeFd: int | None = None,
     ) -> None:
+        """
+        @param console: the console socket, already listening (made before
+            the reactor); by default a new one in C{socketDirectory}.
+        @param resizeFd: C{resizeFifo} already open for reading.
+        @raise ConsoleError: no console socket could be made.
+        """
         self._clock = clock
         self._stream = stream
         self._stdin = stdin
         self.size = WindowSize()
         self.console = ConsoleSocket(reactor, socketDirectory)
-        self.console.listen()
+        if console is not None:
+            self.console.adopt(console)
+        else:
+            self.console.listen()
         self._fifo: ResizeFifo | None = None
         if resizeFifo:
             try:
                 # A reactor that listens on unix sockets is a whole reactor.
-                self._fifo = ResizeFifo(cast(IReactorFDSet, reactor), resizeFifo, self.size.resize)
+                self._fifo = ResizeFifo(cast(IReactorFDSet, reactor), resizeFifo, self.size.resize, resizeFd)
             except OSError as e:
                 _log.warn("cannot open the resize FIFO {path} ({e}); resizing is off", path=resizeFifo, e=e)
 

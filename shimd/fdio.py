@@ -25,6 +25,7 @@ from twisted.internet import abstract, main
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.python.failure import Failure
 
+
 READ_CHUNK = 64 * 1024
 """Bytes read per C{read()}: large chunks keep the per-byte cost low."""
 
@@ -78,24 +79,6 @@ def tee(fdIn: int, fdOut: int, length: int) -> int:
     if err in (errno.EAGAIN, errno.EINTR):
         return 0
     raise OSError(err, os.strerror(err))
-
-
-def openFifo(path: str, flags: int) -> int:
-    """
-    Open an existing FIFO without ever blocking the reactor.
-
-    @param flags: C{os.O_RDONLY}, C{os.O_WRONLY} or C{os.O_RDWR}.
-    @raise OSError: C{ENXIO} for a write-only open with no reader yet;
-        C{EINVAL} if C{path} is not a FIFO.
-    """
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a FIFO", path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class OwnedDescriptor(abstract.FileDescriptor):

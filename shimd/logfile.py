@@ -37,8 +37,7 @@ from typing import Callable, Union
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-_MODE = 0o600
+from shimd.launch import LOG_MODE as _MODE, LOG_OPEN_FLAGS as _OPEN_FLAGS  # noqa: E402
 _MIN_MAX_SIZE = 4096
 
 _PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\') + b"\n"
@@ -236,6 +235,7 @@ class JsonFileLog:
         partialDelay: float = 1.0,
         partialMax: int = 32 * 1024,
         timeNs: Callable[[], int] = time.time_ns,
+        fd: int | None = None,
     ) -> None:
         """
         Open (create, append to) C{path}.  An open failure is logged, and the
@@ -249,6 +249,8 @@ class JsonFileLog:
         @param partialMax: a held partial line is written in pieces of this
             many bytes once it is that long.
         @param timeNs: the clock for the records' C{time}.
+        @param fd: C{path} already open (by L{shimd.launch}), which the
+            log owns from now on.
         """
         if clock is None:
             from twisted.internet import reactor
@@ -267,7 +269,11 @@ class JsonFileLog:
         self._size = 0
         self._closed = False
         self._failing = False
-        self._open(truncate=False)
+        if fd is None:
+            self._open(truncate=False)
+        else:
+            self._fd = fd
+            self._size = os.fstat(fd).st_size
 
     # -- public API ---------------------------------------------------------
 

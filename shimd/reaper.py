@@ -14,7 +14,6 @@ children.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal as signal_
 from typing import Iterable
@@ -24,23 +23,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet
 
 from shimd.fdio import OwnedDescriptor
+from shimd.launch import setChildSubreaper
 
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def setChildSubreaper() -> None:
-    """
-    Make this process a child subreaper (C{prctl(PR_SET_CHILD_SUBREAPER)}).
-
-    Not inherited across C{fork()}: call it in the process that waits.
-    """
-    # dlopen(NULL): the symbols already loaded, libc among them.
-    # (ctypes.util.find_library forks "ldconfig -p" on every call.)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
+__all__ = ["setChildSubreaper", "ExitWatcher", "reapStrays", "statusFromWaitid"]
 
 def statusFromWaitid(result: os.waitid_result) -> int:
     """The shell's encoding: the exit code, or 128 + the signal number."""

@@ -4,25 +4,24 @@ L{ShimService}: one container (or one exec) from start to exit report.
 
 The lifecycle, in order::
 
-    load process.json -> open the log, the engine FIFOs and the exit FIFO
-    -> runc create (or exec) -> read ./pid -> watch the pid (pidfd)
+    launch (L{shimd.launch}: process.json, the FIFOs, the sockets, the
+    pipes, runc create or exec started) -> adopt every descriptor, open the
+    log -> runc has exited -> read ./pid -> watch the pid (pidfd)
     -> [runc start] -> exit status -> drain output (bounded) -> flush log and
     FIFOs -> runc kill --all, delete --force (create only)
     -> report: exit FIFO, ./exit, status fd -> done
 
 Each step that waits is a Deferred.  The service is embeddable: give it a
 reactor and add it to any service parent; L{ShimService.done} fires with the
-shim's exit code (0 ok, 1 error, 2 exec timeout).
+shim's exit code (0 ok, 1 error, 2 exec timeout).  C{isulad-shim} launches
+before loading Twisted and hands the service its L{Launch}.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import signal
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service
@@ -33,16 +32,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shimd.attach import AttachServer, startAttachServer
-from shimd.config import ConfigError, ProcessState, loadProcessState
+from shimd.config import ConfigError, ProcessState
 from shimd.console import ConsoleError, Terminal
-from shimd.fdio import ReadPipe, WritePipe, openFifo
+from shimd.fdio import ReadPipe, WritePipe
+from shimd.launch import Launch, ShimConfig, ShimError, describeFailure, launchShim, runtimeName, runtimeRoot
 from shimd.logfile import JsonFileLog
-from shimd.reaper import ExitWatcher, reapStrays, setChildSubreaper
+from shimd.reaper import ExitWatcher, reapStrays
 from shimd.runtime import Runc, RuntimeFailure
+from shimd.runtimecmd import RuntimeProcess
 from shimd.streams import OutputStream, StdinPipe
 
-PIPE_SIZE = 1 << 20
-"""Bytes the container's stdout and stderr pipes hold (F_SETPIPE_SZ)."""
+__all__ = ["ShimService", "ShimConfig", "ShimError", "runtimeName", "runtimeRoot",
+           "EXIT_OK", "EXIT_ERROR", "EXIT_TIMEOUT"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -50,64 +51,6 @@ EXIT_TIMEOUT = 2
 
 CONTAINER_ACTIONS = {129: "reboot", 130: "shutdown"}
 """Statuses (SIGHUP, SIGINT) that isulad-shim passes on as C{CONTAINER_ACTION}."""
-
-
-class ShimError(Exception):
-    """A failure that ends the shim with exit code 1; C{str()} says why."""
-
-
-@dataclass
-class ShimConfig:
-    """
-    Everything one shim needs besides process.json.
-
-    @ivar workdir: the shim's working directory (process.json, pid, log.json,
-        exit_fifo, attach socket live here).
-    @ivar runtimeCommand: argv[3] of isulad-shim: the runtime executable.
-    @ivar execTimeout: seconds before an exec is SIGKILLed (0: none).
-    @ivar start: run C{runc start} ourselves (iSulad's engine does it).
-    @ivar drainTimeout: after the process exits, stop waiting for end of
-        file on its output after this many idle seconds.
-    @ivar stallTimeout: drop an output reader that made no progress for
-        this many seconds with data queued for it.
-    @ivar startTimeout: the start-up guard: runc create/exec must have
-        produced a pid within this many seconds.
-    @ivar statusFd: where to write the 4-byte status besides the exit FIFO
-        (isulad-shim: 1, its stdout), or L{None}.
-    @ivar detachKeys: attach sessions' default detach keys (Docker syntax;
-        C{""} disables detaching).
-    """
-
-    workdir: str
-    containerId: str
-    bundle: str
-    runtimeCommand: str = "runc"
-    execTimeout: int = 0
-    start: bool = False
-    drainTimeout: float = 2.0
-    stallTimeout: float = 10.0
-    startTimeout: float = 120.0
-    statusFd: int | None = None
-    detachKeys: str = "ctrl-q"
-
-
-def runtimeName(command: str, state: ProcessState) -> str:
-    """The runtime *name*: process.json's C{runtime}, else the command's basename (B14)."""
-    return state.runtime or os.path.basename(command)
-
-
-def runtimeRoot(config: ShimConfig, state: ProcessState) -> str | None:
-    """
-    runc's C{--root}: C{<container workdir>/<runtime name>}; for an exec the
-    container workdir is two levels above the exec workdir; none for kata.
-    """
-    name = runtimeName(config.runtimeCommand, state)
-    if name.lower() == "kata-runtime":
-        return None
-    base = os.path.abspath(config.workdir)
-    if state.exec:
-        base = os.path.dirname(os.path.dirname(base))
-    return os.path.join(base, name)
 
 
 class ShimService(service.MultiService):
@@ -120,11 +63,18 @@ class ShimService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, config: ShimConfig, reactor: Any, state: ProcessState | None = None) -> None:
+    def __init__(
+        self, config: ShimConfig, reactor: Any, state: ProcessState | None = None, launch: Launch | None = None
+    ) -> None:
+        """
+        @param launch: what L{launchShim} already opened and started; by
+            default the service launches when it starts.
+        """
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.state = state
+        self.state = launch.state if launch is not None else state
+        self._launch = launch
         self.done: Deferred[int] = Deferred()
         self.status: int | None = None
         self.pid: int | None = None
@@ -134,7 +84,6 @@ class ShimService(service.MultiService):
         self.runc: Runc | None = None
         self._engineStdin: ReadPipe | None = None
         self._exitFifo: int | None = None
-        self._containerSide: list[int] = []
         self._attach: AttachServer | None = None
         self._watcher: ExitWatcher | None = None
         self._timedOut = False
@@ -147,8 +96,6 @@ class ShimService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        # Not inherited across twistd's daemonizing fork: set it here.
-        setChildSubreaper()
         ensureDeferred(self._run()).addBoth(self._finish)
 
     def _finish(self, result: int | Failure) -> None:
@@ -165,19 +112,22 @@ class ShimService(service.MultiService):
 
     async def _run(self) -> int:
         try:
-            if self.state is None:
-                self.state = loadProcessState(self.path("process.json"))
-            state = self.state
-            self._openIO(state)
-            self._startAttach(state)
+            if self._launch is None:
+                # Here, not at construction: after twistd's daemonizing fork
+                # (the subreaper is not inherited).
+                self._launch = launchShim(self.config, self.state)
+            launch = self._launch
+            state = self.state = launch.state
+            self._adopt(launch)
             self.runc = Runc(
-                self.reactor,
                 self.config.runtimeCommand,
                 os.path.abspath(self.config.workdir),
                 runtimeRoot(self.config, state),
                 state.runtime_args,
+                reactor=self.reactor,
             )
-            guard = ensureDeferred(self._createProcess(state)).addTimeout(
+            assert launch.runtime is not None
+            guard = ensureDeferred(self._createProcess(launch.runtime)).addTimeout(
                 self.config.startTimeout, self.reactor
             )
             try:
@@ -185,11 +135,8 @@ class ShimService(service.MultiService):
             except defer.TimeoutError:
                 waiting = " (no terminal on the console socket)" if self.terminal is not None else ""
                 raise ShimError(f"runtime timeout: no process after {self.config.startTimeout:g}s{waiting}")
-        except (ConfigError, ShimError, RuntimeFailure) as e:
-            self._log.error("{msg}", msg=str(e))
-            return EXIT_ERROR
-        except OSError as e:
-            self._log.error("{msg}", msg=f"{e.strerror}: {e.filename}" if e.filename else str(e))
+        except (ConfigError, ShimError, RuntimeFailure, OSError) as e:
+            self._log.error("{msg}", msg=describeFailure(e))
             return EXIT_ERROR
 
         self._log.info("{what} {id} has pid {pid}", what="exec in" if state.exec else "container",
@@ -235,57 +182,42 @@ class ShimService(service.MultiService):
         if self._watcher is not None:
             self._watcher.kill(signal.SIGKILL)
 
-    def _openIO(self, state: ProcessState) -> None:
-        """Open the log, the engine's FIFOs, the exit FIFO and the stdio pipes."""
+    def _adopt(self, launch: Launch) -> None:
+        """Wrap the launch's descriptors: the log, the FIFOs, the streams, the sockets."""
+        state = launch.state
         clock = self.reactor
         if state.log_path:
             self.containerLog = JsonFileLog(
-                state.log_path, maxSize=state.log_maxsize, maxFiles=state.log_maxfile, clock=clock
+                state.log_path, maxSize=state.log_maxsize, maxFiles=state.log_maxfile, clock=clock,
+                fd=launch.take("log"),
             )
-        engineOut = self._openEngineWriter(state.isulad_stdout, "stdout")
-        engineErr = self._openEngineWriter(state.isulad_stderr, "stderr")
-        engineIn = None
-        if state.isulad_stdin and os.path.exists(state.isulad_stdin):
-            engineIn = openFifo(state.isulad_stdin, os.O_RDONLY)
-        if state.exit_fifo and not state.exec:
-            path = state.exit_fifo if os.path.isabs(state.exit_fifo) else self.path(state.exit_fifo)
-            try:
-                self._exitFifo = openFifo(path, os.O_WRONLY)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    raise ShimError(f"exit FIFO {path} has no reader") from e
-                raise
-
+        engineOut = self._engineWriter(launch.take("engineOut"))
+        engineErr = self._engineWriter(launch.take("engineErr"))
+        engineIn = launch.take("engineIn")
+        self._exitFifo = launch.take("exitFifo")
         if state.terminal:
-            self._openTerminal(state, engineOut, engineErr, engineIn)
-            return
-        inR, inW = os.pipe2(os.O_CLOEXEC)
-        outR, outW = os.pipe2(os.O_CLOEXEC)
-        errR, errW = os.pipe2(os.O_CLOEXEC)
-        for fd in (outR, errR):
-            # Room for bursts: the container blocks (and we wake) less often.
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # above /proc/sys/fs/pipe-max-size: keep the default
-        for fd in (inR, inW, outR, outW, errR, errW):
-            if state.root_uid or state.root_gid:
-                os.fchown(fd, state.root_uid, state.root_gid)
-        self._containerSide = [inR, outW, errW]
-        for name, fd, sink in (("stdout", outR, engineOut), ("stderr", errR, engineErr)):
-            stream = OutputStream(
-                self.reactor, clock, name, fd, self.containerLog, self.config.stallTimeout
-            )
-            if sink is not None:
-                stream.addSink(sink, f"engine {name} FIFO")
-            self.streams.append(stream)
-        self.stdin = StdinPipe(self.reactor, clock, inW)
-        if engineIn is not None:
-            self._engineStdin = ReadPipe(self.reactor, engineIn, self.stdin.write, self._engineStdinEnded)
-            self.stdin.addSource(self._engineStdin)
+            self._openTerminal(state, launch, engineOut, engineErr, engineIn)
+        else:
+            for name in ("stdout", "stderr"):
+                fd = launch.take(name)
+                assert fd is not None
+                stream = OutputStream(self.reactor, clock, name, fd, self.containerLog, self.config.stallTimeout)
+                sink = engineOut if name == "stdout" else engineErr
+                if sink is not None:
+                    stream.addSink(sink, f"engine {name} FIFO")
+                self.streams.append(stream)
+            self.stdin = StdinPipe(self.reactor, clock, launch.take("stdin"))
+            if engineIn is not None:
+                self._engineStdin = ReadPipe(self.reactor, engineIn, self.stdin.write, self._engineStdinEnded)
+                self.stdin.addSource(self._engineStdin)
+        self._startAttach(launch)
+
+    def _engineWriter(self, fd: int | None) -> WritePipe | None:
+        return None if fd is None else WritePipe(self.reactor, fd, self.reactor)
 
     def _openTerminal(
-        self, state: ProcessState, engineOut: WritePipe | None, engineErr: WritePipe | None, engineIn: int | None
+        self, state: ProcessState, launch: Launch,
+        engineOut: WritePipe | None, engineErr: WritePipe | None, engineIn: int | None,
     ) -> None:
         """
         tty mode: the pty master, once runc sends it over the console
@@ -310,16 +242,18 @@ class ShimService(service.MultiService):
         resizeFifo = state.resize_fifo
         if resizeFifo and not os.path.isabs(resizeFifo):
             resizeFifo = self.path(resizeFifo)
-        try:
-            self.terminal = Terminal(self.reactor, self.reactor, stream, self.stdin, resizeFifo)
-        except ConsoleError as e:
-            raise ShimError(str(e)) from e
+        console, launch.console = launch.console, None
+        self.terminal = Terminal(
+            self.reactor, self.reactor, stream, self.stdin, resizeFifo,
+            console=console, resizeFd=launch.take("resize") if resizeFifo else None,
+        )
 
-    def _startAttach(self, state: ProcessState) -> None:
-        """Listen on the attach socket, if process.json names one (attach issue)."""
-        if state.attach_socket:
+    def _startAttach(self, launch: Launch) -> None:
+        """Accept attach requests, if process.json names an attach socket (attach issue)."""
+        if launch.state.attach_socket:
+            listening, launch.attach = launch.attach, None
             self._attach = startAttachServer(
-                self.reactor, self.config.workdir, state.attach_socket,
+                self.reactor, self.config.workdir, listening, launch.attachError,
                 {s.name: s for s in self.streams}, self.stdin,
                 detachKeys=self.config.detachKeys, stallTimeout=self.config.stallTimeout,
             )
@@ -329,66 +263,24 @@ class ShimService(service.MultiService):
         if self._attach is not None:
             self._attach.stop()
 
-    def _openEngineWriter(self, path: str | None, name: str) -> WritePipe | None:
-        if not path or not os.path.exists(path):
-            return None
-        try:
-            fd = openFifo(path, os.O_WRONLY)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                raise ShimError(f"engine {name} FIFO {path} has no reader") from e
-            raise
-        return WritePipe(self.reactor, fd, self.reactor)
-
     def _engineStdinEnded(self, reason: object) -> None:
         # The engine closed its stdin FIFO: end of input for the container (C6).
         self._log.debug("engine stdin closed; closing the container's stdin")
         if self.stdin is not None:
             self.stdin.close()
 
-    async def _createProcess(self, state: ProcessState) -> int:
-        assert self.runc is not None
-        pidFile = self.path("pid")
-        console = None
-        fds: dict[int, int | str]
-        if self.terminal is not None:
-            # B12: runc never gets the shim's stdio; its stderr is kept for
-            # error messages (runc init does not inherit it in tty mode).
-            console = self.terminal.socketPath
-            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            self._containerSide = [devnull]
-            fds = {0: devnull, 1: devnull, 2: "r"}
-        else:
-            inR, outW, errW = self._containerSide
-            fds = {0: inR, 1: outW, 2: errW}
-        if state.exec:
-            argv = self.runc.execArgs(
-                self.config.containerId, self.path("process.json"), pidFile, cwd=state.cwd,
-                consoleSocket=console,
-            )
-        else:
-            argv = self.runc.createArgs(
-                self.config.containerId,
-                self.config.bundle,
-                pidFile,
-                consoleSocket=console,
-                systemdCgroup=state.systemd_cgroup,
-                noPivot=state.no_pivot_root,
-            )
-        try:
-            await self.runc.run(argv, childFDs=fds)
-        finally:
-            for fd in self._containerSide:
-                os.close(fd)
-            self._containerSide = []
+    async def _createProcess(self, runtime: RuntimeProcess) -> int:
+        """Wait for runc create/exec, then for the terminal; read the pid and watch it."""
+        assert self.runc is not None and self.state is not None
+        await self.runc.wait(runtime)
         if self.terminal is not None:
             try:
                 await self.terminal.receive()
             except ConsoleError as e:
                 raise ShimError(str(e)) from e
-        pid = self._readPid(pidFile)
+        pid = self._readPid(self.path("pid"))
         self._watcher = ExitWatcher(self.reactor, pid)
-        if not state.open_stdin and self._engineStdin is None and self.stdin is not None:
+        if not self.state.open_stdin and self._engineStdin is None and self.stdin is not None:
             # Nobody can ever write to it: the container sees end of file.
             self.stdin.close()
         return pid
@@ -472,9 +364,8 @@ class ShimService(service.MultiService):
 
     def _closeEverything(self) -> None:
         self._stopAttach()
-        for fd in self._containerSide:
-            os.close(fd)
-        self._containerSide = []
+        if self._launch is not None:
+            self._launch.close()  # what was not adopted
         for stream in self.streams:
             stream.reader.close()
         if self.terminal is not None:

@@ -51,8 +51,7 @@ __all__ = [
     "errorMessages",
 ]
 
-#: File name of the shim log in the workdir.
-SHIM_LOG_NAME = "shim-log.json"
+from shimd.launch import SHIM_LOG_NAME  # noqa: E402  (file name of the shim log in the workdir)
 
 #: File name of the attach log in the workdir.
 ATTACH_LOG_NAME = "attach-log.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import struct
 import tempfile
 
@@ -636,9 +637,23 @@ class ListenTests(SynchronousTestCase):
         self.server = AttachServer(self.reactor, self.wd, None, None, None)
 
     def test_listen(self) -> None:
+        """A real socket, mode 0600, accepting once the reactor reads it; removed by stop()."""
+        import socket
+
         self.assertTrue(self.server.listen("attach.sock"))
-        path, factory, backlog, mode = self.reactor.unixServers[0][:4]
-        self.assertEqual((path, backlog, mode), (os.path.join(self.wd, "attach.sock"), 16, 0o600))
+        path = os.path.join(self.wd, "attach.sock")
+        st = os.stat(path)
+        self.assertTrue(stat.S_ISSOCK(st.st_mode))
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
+        self.assertIn(self.server.port, self.reactor.readers)
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)
+        self.server.port.doRead()
+        self.assertEqual(len(self.reactor.adoptedStreamConnections), 1)
+        self.server.stop()
+        self.assertFalse(os.path.exists(path))
+        self.assertNotIn(self.server.port, self.reactor.readers)
 
     def test_staleReplaced(self) -> None:
         import socket
@@ -648,7 +663,10 @@ class ListenTests(SynchronousTestCase):
         s.bind(path)
         s.close()
         self.assertTrue(self.server.listen(path))
-        self.assertFalse(os.path.exists(path))  # unlinked; the memory reactor binds nothing
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)  # a live socket in its place
+        self.server.stop()
 
     def test_liveNotReplaced(self) -> None:
         import socket
@@ -663,7 +681,7 @@ class ListenTests(SynchronousTestCase):
 
     def test_tooLong(self) -> None:
         self.assertFalse(self.server.listen("x" * 120))
-        self.assertEqual(self.reactor.unixServers, [])
+        self.assertEqual(os.listdir(self.wd), [])
 
     def test_bindFails(self) -> None:
         """Something that is no socket in the way: logged, attach off, nothing removed."""

@@ -20,7 +20,7 @@ WD = "/run/isulad/runc/abc"
 
 
 def runc(root: str | None = WD + "/runc", args: tuple[str, ...] = ()) -> Runc:
-    return Runc(MemoryReactor(), "runc", WD, root, args)
+    return Runc("runc", WD, root, args, reactor=MemoryReactor())
 
 
 class CommandLineTests(SynchronousTestCase):
@@ -81,7 +81,7 @@ class ErrorTextTests(SynchronousTestCase):
     def test_errorsFromTheLogAfterOffset(self) -> None:
         wd = tempfile.mkdtemp()
         self.addCleanup(lambda: [os.remove(os.path.join(wd, f)) for f in os.listdir(wd)] and os.rmdir(wd))
-        r = Runc(MemoryReactor(), "runc", wd, None)
+        r = Runc("runc", wd, None, reactor=MemoryReactor())
         with open(r.logPath, "w") as f:
             f.write(json.dumps({"level": "error", "msg": "old"}) + "\n")
         offset = os.path.getsize(r.logPath)

@@ -1,0 +1,191 @@
+"""
+The launch (L{shimd.launch}): everything runc needs is open, and runc is
+running, before Twisted is loaded; a failure closes everything again.
+
+The runtime here is a shell script standing in for runc: it records what
+it was given (argv, cwd, its open descriptors, what it finds on the attach
+socket) and writes the pid file.  Real runc runs in the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from shimd.config import ConfigError
+from shimd.launch import Launch, ShimConfig, ShimError, launchShim
+from shimd.runtimecmd import RuntimeFailure, forkExec
+
+FAKE_RUNC = textwrap.dedent("""\
+    #!/bin/sh
+    # argv, cwd, and whether something listens on the attach socket
+    out="$PWD/fake-runc.json"
+    listening=no
+    [ -S "$PWD/attach.sock" ] && listening=yes
+    printf '{"argv": "%s", "cwd": "%s", "attach": "%s"}\\n' "$*" "$PWD" "$listening" > "$out"
+    while [ $# -gt 1 ]; do [ "$1" = --pid-file ] && echo $$ > "$2"; shift; done
+    echo "runc says hello" >&2
+    exit ${FAKE_STATUS:-0}
+""")
+
+
+def openFds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+class LaunchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="shimd-launch-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.runc = os.path.join(self.workdir, "fake-runc")
+        with open(self.runc, "w") as f:
+            f.write(FAKE_RUNC)
+        os.chmod(self.runc, 0o755)
+        self.config = ShimConfig(self.workdir, "cid", "/bundle", self.runc)
+        self.before = openFds()
+
+    def processJson(self, **keys: object) -> None:
+        with open(os.path.join(self.workdir, "process.json"), "w") as f:
+            json.dump({"args": ["sh"], "cwd": "/", **keys}, f)
+
+    def fifo(self, name: str, reader: bool = True) -> str:
+        path = os.path.join(self.workdir, name)
+        os.mkfifo(path, 0o600)
+        if reader:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            self.addCleanup(os.close, fd)
+        return path
+
+    def launch(self) -> Launch:
+        launch = launchShim(self.config)
+        self.addCleanup(launch.close)
+        assert launch.runtime is not None
+        _, status = os.waitpid(launch.runtime.pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        return launch
+
+    def recorded(self) -> dict[str, str]:
+        with open(os.path.join(self.workdir, "fake-runc.json")) as f:
+            result: dict[str, str] = json.load(f)
+        return result
+
+    def test_pipesAndFifos(self) -> None:
+        """runc create with isulad-shim's argv; the engine's FIFOs, the exit FIFO and the pipes are ours."""
+        out = self.fifo("out")
+        self.processJson(isuladStdout=out, exit_fifo=self.fifo("exit_fifo"))
+        launch = self.launch()
+        recorded = self.recorded()
+        self.assertEqual(
+            recorded["argv"],
+            f"--log {self.workdir}/log.json --log-format json --root {self.workdir}/fake-runc create "
+            f"--bundle /bundle --pid-file {self.workdir}/pid cid",
+        )
+        self.assertEqual(recorded["cwd"], self.workdir)
+        self.assertIsNotNone(launch.engineOut)
+        self.assertIsNotNone(launch.exitFifo)
+        self.assertIsNone(launch.engineErr)
+        # What runc wrote to its stderr is the container's stderr pipe.
+        assert launch.stderr is not None
+        self.assertEqual(os.read(launch.stderr, 100), b"runc says hello\n")
+        self.assertEqual(os.readlink(f"/proc/self/fd/{launch.engineOut}"), out)
+
+    def test_attachListensBeforeRunc(self) -> None:
+        """The attach socket (mode 0600) listens before runc runs (spec 9)."""
+        self.processJson(attach_socket="attach.sock")
+        launch = self.launch()
+        self.assertEqual(self.recorded()["attach"], "yes")
+        path = os.path.join(self.workdir, "attach.sock")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)  # waits in the backlog until the reactor runs
+        launch.close()
+        self.assertFalse(os.path.exists(path))
+
+    def test_attachFailureIsNotFatal(self) -> None:
+        """B17: no attach socket (a directory in the way), the container runs anyway."""
+        os.mkdir(os.path.join(self.workdir, "attach.sock"))
+        self.processJson(attach_socket="attach.sock")
+        launch = self.launch()
+        self.assertIsNone(launch.attach)
+        self.assertIn("a directory is in the way", launch.attachError or "")
+
+    def test_terminal(self) -> None:
+        """tty: a private console socket, runc's stdio is /dev/null and a message pipe."""
+        self.processJson(terminal=True, resizeFifo=self.fifo("resize", reader=False))
+        launch = self.launch()
+        assert launch.console is not None and launch.runtime is not None
+        console = launch.console.path
+        self.assertIn(f"--console-socket {console} cid", self.recorded()["argv"])
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(console)).st_mode), 0o700)
+        self.assertIsNone(launch.stdout)
+        assert launch.runtime.output is not None
+        self.assertEqual(os.read(launch.runtime.output, 100), b"runc says hello\n")
+        # The engine may open the resize FIFO for writing at once.
+        os.close(os.open(os.path.join(self.workdir, "resize"), os.O_WRONLY | os.O_NONBLOCK))
+        launch.close()
+        self.assertFalse(os.path.exists(os.path.dirname(console)))
+
+    def test_fifoWithoutReader(self) -> None:
+        """iSulad's ENXIO: an error naming the FIFO; nothing stays open, runc never ran."""
+        path = self.fifo("out", reader=False)
+        self.processJson(isuladStdout=path, attach_socket="attach.sock")
+        e = self.assertRaises(ShimError, launchShim, self.config)
+        self.assertIn(f"engine stdout FIFO {path} has no reader", str(e))
+        self.assertEqual(openFds(), self.before)
+        self.assertFalse(os.path.exists(os.path.join(self.workdir, "attach.sock")))
+        self.assertFalse(os.path.exists(os.path.join(self.workdir, "fake-runc.json")))
+
+    def test_badProcessJson(self) -> None:
+        self.processJson(terminal="yes")
+        e = self.assertRaises(ConfigError, launchShim, self.config)
+        self.assertEqual(e.field, "terminal")
+
+    def test_runtimeMissing(self) -> None:
+        """A runtime that cannot be executed: an error naming it; nothing stays open."""
+        self.processJson(terminal=True)
+        self.config.runtimeCommand = os.path.join(self.workdir, "no-such-runc")
+        e = self.assertRaises(RuntimeFailure, launchShim, self.config)
+        self.assertIn("fork/exec error", str(e))
+        self.assertIn("no-such-runc", str(e))
+        self.assertEqual(openFds(), self.before)
+        self.assertEqual([n for n in os.listdir("/run") if n.startswith("shimd-") and not os.listdir(f"/run/{n}")], [])
+
+
+class ForkExecTests(SynchronousTestCase):
+    def test_descriptorsAndDirectory(self) -> None:
+        """Only the given descriptors reach the child, on the given numbers, in C{cwd}."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        stray = os.open(os.devnull, os.O_RDONLY)  # inheritable: must not leak either
+        self.addCleanup(os.close, stray)
+        script = "import os,sys; sys.stdout.write(os.getcwd() + ' ' + ' '.join(sorted(os.listdir('/proc/self/fd'))))"
+        pid = forkExec([sys.executable, "-S", "-c", script], dict(os.environ), "/tmp", {0: stray, 1: w, 2: w})
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as f:
+            cwd, *fds = f.read().decode().split()
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertEqual(cwd, "/tmp")
+        self.assertEqual(fds[:3], ["0", "1", "2"])
+        self.assertLessEqual(len(fds), 4)  # listdir's own descriptor
+
+    def test_notExecutable(self) -> None:
+        e = self.assertRaises(OSError, forkExec, ["/nonexistent/runc"], {"PATH": "/bin"}, "/", {})
+        self.assertEqual(e.filename, "/nonexistent/runc")
+
+
+class NoTwistedTests(SynchronousTestCase):
+    def test_launchImportsNoTwisted(self) -> None:
+        """The launch runs before Twisted is loaded: it must not load it."""
+        code = "import sys, shimd.launch, shimd.sockets; print(sorted(m for m in sys.modules if m.startswith(('twisted', 'zope'))))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+        self.assertEqual(out.strip(), b"[]")
