@@ -107,6 +107,9 @@ def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
             raise
 
     # runc is working: now Twisted.
+    from shimd.lean import importDeferWithoutAsyncio
+
+    importDeferWithoutAsyncio()
     from shimd.shimlog import LEVELS, startShimLogging
 
     try:

@@ -189,3 +189,19 @@ class NoTwistedTests(SynchronousTestCase):
         code = "import sys, shimd.launch, shimd.sockets; print(sorted(m for m in sys.modules if m.startswith(('twisted', 'zope'))))"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
         self.assertEqual(out.strip(), b"[]")
+
+    def test_noAsyncio(self) -> None:
+        """isulad-shim's imports leave asyncio out; Deferreds still run coroutines."""
+        code = (
+            "import sys\n"
+            "from shimd.lean import keepLean, importDeferWithoutAsyncio\n"
+            "keepLean(); importDeferWithoutAsyncio()\n"
+            "import shimd.service, shimd.shimlog\n"
+            "from twisted.internet import reactor\n"
+            "from twisted.internet.defer import ensureDeferred\n"
+            "async def f(): return 5\n"
+            "print('asyncio' in sys.modules, ensureDeferred(f()).result)\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "SHIMD_ALLOW_TLS"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=env).stdout
+        self.assertEqual(out.split(), [b"False", b"5"])
