@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from shimd.fdio import OwnedDescriptor
 from shimd.launch import setChildSubreaper
 
-__all__ = ["setChildSubreaper", "ExitWatcher", "reapStrays", "statusFromWaitid"]
+__all__ = ["setChildSubreaper", "ExitWatcher", "reapStrays", "statusFromWaitid", "isNamespaceInit"]
 
 def statusFromWaitid(result: os.waitid_result) -> int:
     """The shell's encoding: the exit code, or 128 + the signal number."""
@@ -75,6 +75,24 @@ class ExitWatcher(OwnedDescriptor):
             except ProcessLookupError:
                 pass
 
+
+
+def isNamespaceInit(pid: int) -> bool:
+    """
+    Whether C{pid} is process 1 of its own pid namespace (C{NSpid} in
+    C{/proc/<pid>/status} ends in 1).  When such a process has exited, the
+    kernel has killed every other process of the namespace and waited for
+    them, so nothing of the container is left to kill.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    ids = line.split()[1:]
+                    return len(ids) > 1 and ids[-1] == "1"
+    except OSError:
+        pass
+    return False
 
 
 def _children() -> list[int]:

@@ -37,7 +37,7 @@ from shimd.console import ConsoleError, Terminal
 from shimd.fdio import ReadPipe, WritePipe
 from shimd.launch import Launch, ShimConfig, ShimError, describeFailure, launchShim, runtimeName, runtimeRoot
 from shimd.logfile import JsonFileLog
-from shimd.reaper import ExitWatcher, reapStrays
+from shimd.reaper import ExitWatcher, isNamespaceInit, reapStrays
 from shimd.runtime import Runc, RuntimeFailure
 from shimd.runtimecmd import RuntimeProcess
 from shimd.streams import OutputStream, StdinPipe
@@ -87,6 +87,7 @@ class ShimService(service.MultiService):
         self._attach: AttachServer | None = None
         self._watcher: ExitWatcher | None = None
         self._timedOut = False
+        self._ownPidNamespace = False
         self.terminal: Terminal | None = None
 
     def path(self, name: str) -> str:
@@ -280,6 +281,7 @@ class ShimService(service.MultiService):
                 raise ShimError(str(e)) from e
         pid = self._readPid(self.path("pid"))
         self._watcher = ExitWatcher(self.reactor, pid)
+        self._ownPidNamespace = not self.state.exec and isNamespaceInit(pid)
         if not self.state.open_stdin and self._engineStdin is None and self.stdin is not None:
             # Nobody can ever write to it: the container sees end of file.
             self.stdin.close()
@@ -327,8 +329,13 @@ class ShimService(service.MultiService):
         assert self.runc is not None
         cid = self.config.containerId
         await self._waitForStartToFinish()
+        steps = [lambda: self.runc.kill(cid, "SIGKILL", all=True), lambda: self.runc.delete(cid, force=True)]
+        if self._ownPidNamespace:
+            # Its init has exited: the kernel killed and reaped the rest of
+            # its pid namespace already; kill --all would find nothing.
+            del steps[0]
         # One after the other: building both Deferreds first ran them at once.
-        for step in (lambda: self.runc.kill(cid, "SIGKILL", all=True), lambda: self.runc.delete(cid, force=True)):
+        for step in steps:
             try:
                 await step()
             except RuntimeFailure as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import struct
 import subprocess
 import time
@@ -56,6 +57,51 @@ class ExitCodeTests(EngineMixin, TestCase):
         r = self.runContainer(["true"])
         root = os.path.join(r.workdir, "runc")
         self.assertEqual(os.listdir(root) if os.path.isdir(root) else [], [])
+
+
+def sleepers(seconds: str) -> list[int]:
+    """Processes running C{sleep <seconds>} (busybox's cmdline)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\0" + seconds.encode() + b"\0":
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+class LeftoverProcessTests(EngineMixin, TestCase):
+    """Nothing of a container outlives its report, whatever its pid namespace."""
+
+    def setUp(self) -> None:
+        self.setUpEngine()
+
+    def backgroundSleeper(self) -> str:
+        seconds = str(900000 + secrets.randbelow(99999))
+        r = self.runContainer(["sh", "-c", f"sleep {seconds} >/dev/null 2>&1 & echo started; exit 3"])
+        self.assertEqual((r.status, r.stdout), (3, b"started\n"))
+        return seconds
+
+    def test_ownPidNamespace(self) -> None:
+        """Its init exited: the kernel ended the rest; the shim deleted the container."""
+        self.assertEqual(sleepers(self.backgroundSleeper()), [])
+
+    def test_hostPidNamespace(self) -> None:
+        """No pid namespace of its own: the background process outlives init; kill --all ends it."""
+        with open(os.path.join(self.bundle, "config.json")) as f:
+            config = json.load(f)
+        config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "pid"]
+        config["root"]["path"] = os.path.join(self.bundle, config["root"]["path"])
+        bundle = os.path.join(self.stateRoot, "hostpid-bundle")
+        os.makedirs(bundle)
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(config, f)
+        self.bundle = bundle
+        self.assertEqual(sleepers(self.backgroundSleeper()), [])
 
 
 class OutputTests(EngineMixin, TestCase):
