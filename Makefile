@@ -95,8 +95,12 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp setup.py
 	$(VPY) -m pip install -q -e '.[bench]' $(PIP_EDITABLE)
 	@touch $@
 
+# The shim's bytecode is compiled first, as an installed package's is: with
+# PYTHONDONTWRITEBYTECODE in the environment every shim would compile
+# shimd at start-up and the start latency would measure the compiler.
 bench: deps venv $(VENV)/.bench-stamp
 	@$(call apt_ensure,conmon:conmon)
+	@$(VPY) -m compileall -q shimd
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
 clean:

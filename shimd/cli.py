@@ -11,16 +11,18 @@ Command-line front ends.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import struct
 import sys
-import threading
-from typing import TYPE_CHECKING, Any, NoReturn
 
+# Not typing.TYPE_CHECKING: isulad-shim imports nothing it can do without
+# before runc is started (shimd.launch); mypy knows the name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    import threading
+    from typing import Any, NoReturn
 
 FOREVER = 7 * 24 * 3600.0  # "no timeout", in a form poll() and communicate() accept
 USAGE = "usage: isulad-shim ID BUNDLE RUNTIME LOGLEVEL [EXEC_TIMEOUT]\n"
@@ -166,6 +168,9 @@ def _run(opts: argparse.Namespace) -> int:
         sys.stderr.write(f"shimd: {e}\n")
         return 125
 
+    import contextlib
+    import threading
+
     terminal = contextlib.ExitStack()  # restored before any message
     detached = threading.Event()
     signal.signal(signal.SIGTERM, _interrupted)  # unwind: restore our terminal, say where it runs
@@ -227,6 +232,8 @@ def _copyStdin(c: Any, detachKeys: bytes = b"", detached: threading.Event | None
     Copy our stdin to the container's; on the detach keys, stop and
     interrupt the main thread (it leaves the container running).
     """
+    import threading
+
     from shimd.attach import DetachFilter
 
     fd = sys.stdin.fileno()
@@ -275,6 +282,9 @@ def _exec(opts: argparse.Namespace) -> int:
     except (EngineError, OSError) as err:
         sys.stderr.write(f"shimd exec: {err}\n")
         return 125
+    import contextlib
+    import threading
+
     terminal = contextlib.ExitStack()
     signal.signal(signal.SIGTERM, _interrupted)
     try:

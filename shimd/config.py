@@ -21,7 +21,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # not typing's: this runs before runc starts (shimd.launch)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 __all__ = [
     "ConfigError",

@@ -34,13 +34,19 @@ import gc
 import os
 import sys
 import types
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: see shimd.cli
+if TYPE_CHECKING:
+    from typing import Any
 
 REFUSED = ("OpenSSL", "cryptography", "service_identity", "ssl", "_ssl")
 """Top-level modules a shim never loads."""
 
-LAZY = ("http.cookiejar",)
-"""Modules loaded only when an attribute is first used."""
+LAZY = ("http.cookiejar", "inspect")
+"""Modules loaded only when an attribute is first used.  C{inspect} (8 ms,
+with C{ast}, C{dis}, C{tokenize}) is imported by C{dataclasses}, which
+needs it only for a class without a docstring: so it loads with Twisted,
+after runc was started, not before."""
 
 
 class _Refuse:

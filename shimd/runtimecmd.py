@@ -20,7 +20,10 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+
+TYPE_CHECKING = False  # not typing's: this runs before runc starts (shimd.launch)
+if TYPE_CHECKING:
+    from typing import Mapping, Sequence
 
 MAXFD = 1 << 20
 """Above any descriptor number: C{closerange} uses C{close_range(2)}."""
