@@ -12,6 +12,7 @@ Check = Callable[[float | None, float], bool] | None
 ROWS: list[tuple[str, str, str, str, str, Check]] = [
     ("1. Log throughput: start -> exit report", "throughput", "seconds", "s",
      "ratio <= 1.0", lambda r, v: r is not None and r <= 1.0),
+    ("1. Workload 1 from the shim's launch -> exit report", "throughput", "launch s", "s", "", None),
     ("1. Log throughput", "throughput", "MB/s", "MB/s", "", None),
     ("1. Log throughput", "throughput", "lines/s", "lines/s", "", None),
     ("1. Shim CPU during workload 1 (sampled)", "throughput", "CPU s", "s", "", None),
@@ -98,20 +99,27 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
             out.append(f"| 5. attach connect -> reply, p99 | ms | {fmt(med(at.get('p99 ms')))} | | | |")
             refused = sum(at.get("refused", []))
             out.append(f"| 5. attaches refused | count | {refused:g} | | | |")
-        base = tp.get("shimd", {}).get("seconds")
+            if at.get("ready ms"):
+                out.append(f"| 5. pid file -> first attach reply (service up) | ms | "
+                           f"{fmt(med(at.get('ready ms')))} | | | |")
+        # Sessions attach once the service is up, so runc start comes
+        # later in an attached run than in a plain one: its start -> exit
+        # window holds none of the start-up a plain run's does.  The
+        # target is judged from the launch, where both hold all of it.
         for n in (1, 16):
-            v = tp.get(f"shimd+{n} attach", {}).get("seconds")
-            if not v:
-                continue
-            ratio = med(pairRatios(v, base))
-            target, met = "", ""
-            if n == 16 and ratio is not None:
-                target = "<= 1.5 (adds <= 50%)"
-                ok = ratio <= 1.5
-                met = "yes" if ok else "**no**"
-                verdicts.append(("5. 16 attach sessions add <= 50% to workload 1", ok))
-            out.append(f"| 5. workload 1 with {n} session{'s' if n > 1 else ''} reading every byte | s | "
-                       f"{fmt(med(v))} | {fmt(ratio)} | {target} | {met} |")
+            for figure, basis in (("seconds", "start"), ("launch s", "launch")):
+                v = tp.get(f"shimd+{n} attach", {}).get(figure)
+                if not v:
+                    continue
+                ratio = med(pairRatios(v, tp.get("shimd", {}).get(figure)))
+                target, met = "", ""
+                if n == 16 and basis == "launch" and ratio is not None:
+                    target = "<= 1.5 (adds <= 50%)"
+                    ok = ratio <= 1.5
+                    met = "yes" if ok else "**no**"
+                    verdicts.append(("5. 16 attach sessions add <= 50% to workload 1", ok))
+                out.append(f"| 5. workload 1 with {n} session{'s' if n > 1 else ''} reading every byte, "
+                           f"{basis} -> exit report | s | {fmt(med(v))} | {fmt(ratio)} | {target} | {met} |")
         out.append("")
     for note in notes:
         out.append(f"- {note}")
@@ -141,6 +149,10 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
   the container's status (0) and that the log holds {lines:,} complete stdout lines (json-file
   records ending in `\\n`; k8s-file `F` records), and with attach, that each session read every
   byte. Peak RSS is VmHWM sampled every 0.1 s up to the report.
+  Also from launching the shim: shimd starts `runc create` before it loads Twisted (start
+  latency), so the rest of its start-up (the "pid file -> first attach reply" figure) falls
+  after the pid file, inside the `runc start` -> exit window if the container writes at once;
+  conmon is fully up when its pid file appears. The launch -> exit figure holds every start-up.
 - Start latency: from launching the shim to runc's pid file appearing (inotify), `sleep` container.
 - Exit report latency: from spawning `runc kill <id> KILL` to the status being readable. shimd
   reports after its own `runc kill --all` and `runc delete --force` (iSulad's order: the container

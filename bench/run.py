@@ -77,6 +77,7 @@ def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float
     run = runner.prepare(["sh", "-c", f"yes {LINE} | head -n {lines}"], "tp")
     attached: list[Session] = []
     try:
+        launched = now()
         runner.launch(run)
         runner.waitPid(run)
         readers: dict[int, Callable[[int], object]] = {}
@@ -129,6 +130,7 @@ def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float
                 raise BenchError(f"attach session {i} got {s.outBytes} of {lines * LINE_BYTES} bytes")
         return {
             "seconds": elapsed,
+            "launch s": t1 - launched,
             "MB/s": lines * LINE_BYTES / elapsed / 1e6,
             "lines/s": lines / elapsed,
             "peak RSS MB": hwm[0] / 1024,
@@ -200,9 +202,19 @@ def attachLatency(runner: ShimdRunner, count: int) -> dict[str, float] | None:
     run = runner.prepare(["sleep", "3600"], "al")
     try:
         runner.launch(run)
-        runner.waitPid(run)
-        runner.start(run)
+        seen = runner.waitPid(run)
         sock = runner.attachSocket(run)
+        # The first reply comes once the service is up: how long after the
+        # pid file (the launch starts runc before Twisted is loaded).
+        first = Session(run.dir, "first")
+        try:
+            firstStatus, _ = first.attach(sock)
+        except AttachUnavailable:
+            return None
+        finally:
+            first.close()
+        ready = (now() - seen) * 1000
+        runner.start(run)
         times = []
         failures = 0
         for i in range(count):
@@ -220,7 +232,8 @@ def attachLatency(runner: ShimdRunner, count: int) -> dict[str, float] | None:
         return {
             "p50 ms": statistics.median(times),
             "p99 ms": times[min(len(times) - 1, int(round(0.99 * len(times))) - 1)],
-            "refused": failures,
+            "refused": failures + (firstStatus != 0),
+            "ready ms": ready,
         }
     finally:
         runner.finish(run)
