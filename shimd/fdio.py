@@ -4,9 +4,13 @@ Readers and writers for pipes, FIFOs and pty masters, as reactor descriptors.
 
 Everything here is non-blocking and bytes-only.  The rules that matter:
 
- - A reader reads what is pending before it acts on a hang-up (the epoll
-   reactor reports C{IN|HUP} together and calls L{doRead} first), so the
-   last chunk is never dropped (iSulad bug B7).
+ - A reader reads what is pending before it acts on a hang-up, so the
+   last chunk is never dropped (iSulad bug B7).  The reactor calls
+   L{ReadPipe.doRead} first when it sees C{IN|HUP}, but takes C{HUP}
+   without C{IN} for a clean end and reads nothing.  A pty master can say
+   just that while the last bytes its slave wrote are still on their way
+   to its read buffer (the kernel's flip-buffer push races the poll), so
+   a reader that the reactor ends reads to the real end first.
  - A writer treats C{EAGAIN} as "not now" and only C{EPIPE} (or the kernel
    saying the reader is gone) as "gone" (iSulad bug B5).
  - A pty master answers C{EIO} once its last slave closes: that is end of
@@ -22,6 +26,7 @@ import stat
 from typing import Any, Callable
 
 from twisted.internet import abstract, main
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.python.failure import Failure
 
@@ -151,6 +156,31 @@ class ReadPipe(OwnedDescriptor):
         self._reading = False
         super().stopReading()
 
+    _atEnd = False
+    """Whether the end was seen here (end of file, a read error, L{close})."""
+
+    def close(self) -> None:
+        self._atEnd = True
+        super().close()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self._atEnd and self.fd >= 0 and reason.check(ConnectionDone):
+            # The reactor saw a hang-up and no readable data, which a pty
+            # master reports before its last bytes arrive: read them.
+            self._readToEnd()
+        super().connectionLost(reason)
+
+    def _readToEnd(self) -> None:
+        """Read until end of file, an error or nothing more (after a hang-up)."""
+        while self.fd >= 0:
+            try:
+                data = self._read(self.fd, self.chunkSize)
+            except OSError:  # EIO (a pty's end), EAGAIN, or another error
+                return
+            if not data:
+                return
+            self._dataReceived(data)
+
     def doRead(self) -> object:
         # A burst: while reads keep coming back large, read again at once
         # (what arrived while the last chunk was handled) instead of
@@ -162,10 +192,12 @@ class ReadPipe(OwnedDescriptor):
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as e:
+                self._atEnd = True
                 if e.errno == errno.EIO and self._eioIsEOF:
                     return main.CONNECTION_DONE
                 return main.CONNECTION_LOST
             if not data:
+                self._atEnd = True
                 return main.CONNECTION_DONE
             self._dataReceived(data)
             if len(data) < BURST_MIN or not self._reading or self.fd < 0:

@@ -13,6 +13,7 @@ import errno
 import socket
 
 from twisted.internet import main
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -78,6 +79,57 @@ class ReadBurstTests(SynchronousTestCase):
         self.w = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         self.assertIs(self.reader.doRead(), main.CONNECTION_DONE)
         self.assertEqual(b"".join(self.chunks), b"z" * (BURST_MIN * 2))
+
+
+class HangUpTests(SynchronousTestCase):
+    """
+    The reactor takes C{HUP} without C{IN} for a clean end and ends the
+    reader without a read; a pty master reports just that while its last
+    bytes are on their way (C8: the end of C{seq} went missing).
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        r, self.w = os.pipe2(os.O_CLOEXEC)
+        self.chunks: list[bytes] = []
+        self.ends: list[Failure] = []
+        self.reader = ReadPipe(self.reactor, r, self.chunks.append, self.ends.append, chunkSize=BURST_MIN)
+        self.reader.startReading()
+
+    def test_hangUpReadsWhatIsLeft(self) -> None:
+        """Ended by the reactor on a hang-up, the reader first reads to end of file."""
+        os.write(self.w, b"tail" * BURST_MIN)
+        os.close(self.w)
+        self.reader.connectionLost(Failure(ConnectionDone()))  # as posixbase does on HUP
+        self.assertEqual(b"".join(self.chunks), b"tail" * BURST_MIN)
+        self.assertEqual(len(self.ends), 1)
+        self.assertEqual(self.reader.fd, -1)
+
+    def test_closeReadsNothing(self) -> None:
+        """close() is ours: stop now, whatever is left."""
+        os.write(self.w, b"left")
+        self.addCleanup(os.close, self.w)
+        self.reader.close()
+        self.assertEqual(self.chunks, [])
+        self.assertEqual(len(self.ends), 1)
+
+    def test_lostReadsNothing(self) -> None:
+        """A read error (ConnectionLost) is not a hang-up: no further read."""
+        os.write(self.w, b"left")
+        self.addCleanup(os.close, self.w)
+        self.reader.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.chunks, [])
+
+    def test_endOfFileReadOnce(self) -> None:
+        """After doRead met end of file itself, the loss reads no more."""
+        os.write(self.w, b"all")
+        os.close(self.w)
+        self.assertIsNone(self.reader.doRead())
+        self.assertIs(self.reader.doRead(), main.CONNECTION_DONE)
+        calls = []
+        self.reader._read = lambda fd, n: calls.append(fd) or b""  # type: ignore[method-assign]
+        self.reader.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((self.chunks, calls), ([b"all"], []))
 
 
 class TeeTests(SynchronousTestCase):
