@@ -3,9 +3,10 @@
 The OCI runtime (runc), run through the reactor.
 
 L{Runc} adds to the command lines of L{shimd.runtimecmd.RuntimeCommand}
-(isulad-shim's, byte for byte): running a command through a
-ProcessProtocol (C{start}, C{kill}, C{delete}), and waiting for one that
-was started before the reactor (C{create}, C{exec}: L{shimd.launch}).
+(isulad-shim's, byte for byte): running a command (C{start}, C{kill},
+C{delete}: started as the launch starts C{create}, by C{posix_spawn}) and
+waiting for it through a pidfd on the reactor, as for one that was started
+before the reactor (C{create}, C{exec}: L{shimd.launch}).
 Every one returns a Deferred; a failing runc fails it with
 L{RuntimeFailure} carrying runc's own error text (from its JSON log, else
 its output).
@@ -13,16 +14,14 @@ its output).
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, cast
+from typing import Sequence
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IReactorFDSet, IReactorProcess
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from shimd.fdio import ReadPipe
 from shimd.reaper import ExitWatcher
@@ -34,66 +33,32 @@ __all__ = ["Runc", "RuntimeFailure", "RuntimeProcess", "runtimeEnvironment"]
 _OUTPUT_LIMIT = 64 * 1024
 
 
-class _RuncProtocol(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int | None] = Deferred()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if len(self.output) < _OUTPUT_LIMIT:
-            self.output += data[: _OUTPUT_LIMIT - len(self.output)]
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        status: int | None
-        if isinstance(value, ProcessDone):
-            status = 0
-        elif isinstance(value, ProcessTerminated):
-            status = value.exitCode if value.exitCode is not None else 128 + (value.signal or 0)
-        else:
-            status = None
-        self.ended.callback(status)
-
-
 @dataclass
 class Runc(RuntimeCommand):
     """One runtime, bound to one shim workdir, run through C{reactor}."""
 
-    reactor: IReactorProcess = field(kw_only=True)
+    reactor: IReactorFDSet = field(kw_only=True)
 
     _log = Logger()
 
-    def run(self, argv: Sequence[str], childFDs: Mapping[int, int | str] | None = None) -> Deferred[None]:
+    def run(self, argv: Sequence[str]) -> Deferred[None]:
         """
-        Run one runtime command; fire when it has ended.
+        Run one runtime command, its stdin on /dev/null and its stdout and
+        stderr on one pipe (for the error message); fire when it has ended.
 
-        @param childFDs: as for C{spawnProcess}; by default runc's stdout
-            and stderr are collected for the error message.
         @raise RuntimeFailure: (in the Deferred) on a non-zero exit.
         """
-        offset = self.logSize()
-        proto = _RuncProtocol()
-        fds = dict(childFDs) if childFDs is not None else {0: "w", 1: "r", 2: "r"}
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        messages, messagesW = os.pipe2(os.O_CLOEXEC)
         try:
-            process = self.reactor.spawnProcess(
-                proto, self.command, list(argv), env=self.env, path=self.workdir, childFDs=fds
-            )
-        except OSError as e:
-            raise RuntimeFailure(argv, None, str(e))
-
-        def cancel(d: Deferred[None]) -> None:
-            try:
-                process.signalProcess(signal.SIGKILL)
-            except Exception:
-                pass
-
-        result: Deferred[None] = Deferred(cancel)
-        proto.ended.addCallback(lambda status: self._ended(result, argv, offset, status, proto.output))
-        return result
+            process = self.spawn(argv, {0: null, 1: messagesW, 2: messagesW}, output=messages)
+        except RuntimeFailure as e:
+            os.close(messages)
+            return fail(e)
+        finally:
+            os.close(null)
+            os.close(messagesW)
+        return self.wait(process)
 
     def wait(self, process: RuntimeProcess) -> Deferred[None]:
         """
@@ -102,8 +67,7 @@ class Runc(RuntimeCommand):
 
         @raise RuntimeFailure: (in the Deferred) on a non-zero exit.
         """
-        fdset = cast(IReactorFDSet, self.reactor)  # a whole reactor
-        watcher = ExitWatcher(fdset, process.pid)
+        watcher = ExitWatcher(self.reactor, process.pid)
         output: list[bytes] = []
         kept = [0]
 
@@ -115,7 +79,7 @@ class Runc(RuntimeCommand):
         reader = None
         if process.output is not None:
             fd, process.output = process.output, None
-            reader = ReadPipe(fdset, fd, collect)
+            reader = ReadPipe(self.reactor, fd, collect)
             reader.startReading()
 
         def cancel(d: Deferred[None]) -> None:

@@ -9,8 +9,10 @@ socket) and writes the pid file.  Real runc runs in the end-to-end tests.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import shutil
 import socket
 import stat
@@ -162,25 +164,72 @@ class LaunchTests(SynchronousTestCase):
 
 
 class ForkExecTests(SynchronousTestCase):
-    def test_descriptorsAndDirectory(self) -> None:
-        """Only the given descriptors reach the child, on the given numbers, in C{cwd}."""
+    """forkExec in another directory than ours: a fork."""
+
+    cwd = "/tmp"
+
+    def run_(self, script: str | list[str], fds: dict[int, int]) -> tuple[int, str]:
+        """
+        Run C{script} (Python, or an argv) in a child with C{fds}, where
+        -1 is a pipe we read; its status and output.
+        """
+        argv = [sys.executable, "-S", "-c", script] if isinstance(script, str) else script
         r, w = os.pipe2(os.O_CLOEXEC)
-        stray = os.open(os.devnull, os.O_RDONLY)  # inheritable: must not leak either
-        self.addCleanup(os.close, stray)
-        script = "import os,sys; sys.stdout.write(os.getcwd() + ' ' + ' '.join(sorted(os.listdir('/proc/self/fd'))))"
-        pid = forkExec([sys.executable, "-S", "-c", script], dict(os.environ), "/tmp", {0: stray, 1: w, 2: w})
+        pid = forkExec(argv, dict(os.environ), self.cwd,
+                       {k: w if v == -1 else v for k, v in fds.items()})
         os.close(w)
         _, status = os.waitpid(pid, 0)
         with os.fdopen(r, "rb") as f:
-            cwd, *fds = f.read().decode().split()
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+            return os.waitstatus_to_exitcode(status), f.read().decode()
+
+    def test_descriptorsAndDirectory(self) -> None:
+        """Only the given descriptors reach the child, on the given numbers, in C{cwd}."""
+        stray = os.open(os.devnull, os.O_RDONLY)  # inheritable: must not leak either
+        self.addCleanup(os.close, stray)
+        os.set_inheritable(stray, True)
+        script = "import os,sys; sys.stdout.write(os.getcwd() + ' ' + ' '.join(sorted(os.listdir('/proc/self/fd'))))"
+        status, out = self.run_(script, {0: stray, 1: -1, 2: -1})
+        cwd, *fds = out.split()
+        self.assertEqual(status, 0)
         self.assertEqual(cwd, "/tmp")
         self.assertEqual(fds[:3], ["0", "1", "2"])
         self.assertLessEqual(len(fds), 4)  # listdir's own descriptor
 
+    def test_sourcesOnTargetNumbers(self) -> None:
+        """Sources that are also targets (here swapped) arrive intact."""
+        a, b = os.pipe2(os.O_CLOEXEC)  # a: our read end, b: our write end
+        self.addCleanup(os.close, a)
+        self.addCleanup(os.close, b)
+        # The child's a is our b (it writes there) and its b our a.
+        script = f"import os; mode = lambda fd: os.O_ACCMODE & __import__('fcntl').fcntl(fd, 3); os.write({a}, b'%d %d' % (mode({a}), mode({b})))"
+        pid = forkExec([sys.executable, "-S", "-c", script], dict(os.environ), self.cwd, {a: b, b: a})
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertEqual(os.read(a, 100), b"%d %d" % (os.O_WRONLY, os.O_RDONLY))
+
+    def test_ignoredSignalsDefault(self) -> None:
+        """A signal we ignore (SIGPIPE: Python ignores it) is at its default in the child."""
+        self.assertEqual(signal.getsignal(signal.SIGPIPE), signal.SIG_IGN)
+        status, out = self.run_(["grep", "SigIgn", "/proc/self/status"], {1: -1})  # not Python: it ignores SIGPIPE
+        ignoredMask = int(out.split()[1], 16)
+        self.assertEqual((status, ignoredMask & (1 << (signal.SIGPIPE - 1))), (0, 0))
+
     def test_notExecutable(self) -> None:
-        e = self.assertRaises(OSError, forkExec, ["/nonexistent/runc"], {"PATH": "/bin"}, "/", {})
+        e = self.assertRaises(OSError, forkExec, ["/nonexistent/runc"], {"PATH": "/bin"}, self.cwd, {})
         self.assertEqual(e.filename, "/nonexistent/runc")
+
+    def test_notOnPath(self) -> None:
+        e = self.assertRaises(OSError, forkExec, ["no-such-runtime"], {"PATH": "/bin:/usr/bin"}, self.cwd, {})
+        self.assertEqual((e.errno, e.filename), (errno.ENOENT, "no-such-runtime"))
+
+
+class SpawnExecTests(ForkExecTests):
+    """forkExec in our own directory: posix_spawn, with the same contract."""
+
+    def setUp(self) -> None:
+        before = os.getcwd()
+        os.chdir(self.cwd)
+        self.addCleanup(os.chdir, before)
 
 
 class NoTwistedTests(SynchronousTestCase):

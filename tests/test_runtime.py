@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from typing import Generator
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from shimd.config import parseProcessState
 from shimd.runtime import Runc, RuntimeFailure, runtimeEnvironment
@@ -92,3 +96,45 @@ class ErrorTextTests(SynchronousTestCase):
         self.assertEqual(r.errorText(offset), 'exec: "x": not found')
         failure = RuntimeFailure(["runc", "create", "abc"], 1, r.errorText(offset))
         self.assertEqual(str(failure), 'runc create failed: exec: "x": not found')
+
+
+class RunTests(TestCase):
+    """Runc.run on the real reactor: a spawned command, reaped through its pidfd."""
+
+    def runc(self, script: str) -> Runc:
+        wd = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, wd)
+        path = os.path.join(wd, "fake-runc")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + script + "\n")
+        os.chmod(path, 0o755)
+        return Runc(path, wd, None, reactor=reactor)
+
+    @inlineCallbacks
+    def test_success(self) -> Generator[Deferred[None], None, None]:
+        r = self.runc('echo "$@" > "$(dirname "$0")/argv"')
+        yield r.delete("abc")
+        with open(os.path.join(r.workdir, "argv")) as f:
+            self.assertEqual(f.read().split()[-3:], ["delete", "--force", "abc"])
+
+    @inlineCallbacks
+    def test_failureCarriesItsOutput(self) -> Generator[Deferred[None], None, None]:
+        """Without a JSON log, the runtime's stdout and stderr are the message."""
+        r = self.runc("echo container is gone >&2; exit 3")
+        try:
+            yield r.kill("abc", all=True)
+        except RuntimeFailure as e:
+            self.assertEqual((e.status, str(e)), (3, "fake-runc kill failed: container is gone"))
+        else:
+            self.fail("no failure")
+
+    @inlineCallbacks
+    def test_missingCommand(self) -> Generator[Deferred[None], None, None]:
+        r = Runc("/nonexistent/runc", tempfile.gettempdir(), None, reactor=reactor)
+        try:
+            yield r.start("abc")
+        except RuntimeFailure as e:
+            self.assertIsNone(e.status)
+            self.assertIn("/nonexistent/runc", str(e))
+        else:
+            self.fail("no failure")
