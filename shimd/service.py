@@ -160,16 +160,22 @@ class ShimService(service.MultiService):
             self._log.warn("pid {pid} was not our child; its status is unknown", pid=self.pid)
             status = 137
         self.status = status
-        self._log.info("process {pid} exited with status {status}", pid=self.pid, status=status)
-
-        await self._drainOutput()
-        self._stopAttach()
         action = CONTAINER_ACTIONS.get(status)
         if action is not None:
             # As isulad-shim: runc kill/delete (and their hooks) see why it ended.
             self.runc.env["CONTAINER_ACTION"] = action
+        cleanup = None
+        if not state.exec and self._ownPidNamespace:
+            # Nothing of the container is left (its init was process 1 of
+            # its own pid namespace) and its output waits in our pipes:
+            # delete it now, while the output is drained, not after.
+            cleanup = ensureDeferred(self._cleanupContainer())
+        self._log.info("process {pid} exited with status {status}", pid=self.pid, status=status)
+
+        await self._drainOutput()
+        self._stopAttach()
         if not state.exec:
-            await self._cleanupContainer()
+            await (cleanup if cleanup is not None else self._cleanupContainer())
         reapStrays(())
         if self._timedOut:
             self._writeExitFile(status)
