@@ -18,7 +18,9 @@ Nothing here imports Twisted.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import signal
 from dataclasses import dataclass, field
 
 TYPE_CHECKING = False  # not typing's: this runs before runc starts (shimd.launch)
@@ -190,8 +192,6 @@ def forkExec(argv: list[str], env: Mapping[str, str], cwd: str, fds: Mapping[int
 
 
 def _spawn(argv: list[str], env: Mapping[str, str], fds: Mapping[int, int]) -> int:
-    import fcntl
-
     executable = _which(argv[0], env.get("PATH", ""))
     top = max(fds, default=2) + 1
     actions: list[tuple[int, ...]] = []
@@ -216,8 +216,6 @@ def _spawn(argv: list[str], env: Mapping[str, str], fds: Mapping[int, int]) -> i
 
 def _ignoredSignals() -> list[int]:
     """The signals we ignore (SIGPIPE): a child gets them back at their defaults."""
-    import signal
-
     return [n for n in range(1, signal.NSIG) if signal.getsignal(n) == signal.SIG_IGN]
 
 
@@ -234,8 +232,6 @@ def _which(command: str, path: str) -> str:
 
 def _inheritable(lowest: int) -> list[int]:
     """Our descriptors from C{lowest} up that an exec would pass on."""
-    import fcntl
-
     found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -250,8 +246,6 @@ def _inheritable(lowest: int) -> list[int]:
 
 
 def _fork(argv: list[str], env: Mapping[str, str], cwd: str, fds: Mapping[int, int]) -> int:
-    import signal
-
     ignored = _ignoredSignals()
     report, reportW = os.pipe2(os.O_CLOEXEC)
     try:
