@@ -155,10 +155,12 @@ def lifecycle(runner: Runner) -> dict[str, float]:
         t2 = now()
         kill = run.runc("kill", run.id, "KILL", wait=False)
         t3 = runner.waitExit(run, timeout=30)
+        deleting = runner.deleteAfterExit(run)
         kill.wait()
         if run.status != 137:
             raise BenchError(f"{runner.name}: status {run.status} after SIGKILL")
-        return {"start ms": (t1 - t0) * 1000, "exit ms": (t3 - t2) * 1000}
+        return {"start ms": (t1 - t0) * 1000, "exit ms": (t3 - t2) * 1000,
+                "exit+delete ms": (t3 - t2 + deleting) * 1000}
     finally:
         runner.finish(run)
 
