@@ -16,6 +16,8 @@ ROWS: list[tuple[str, str, str, str, str, Check]] = [
     ("1. Log throughput", "throughput", "MB/s", "MB/s", "", None),
     ("1. Log throughput", "throughput", "lines/s", "lines/s", "", None),
     ("1. Shim CPU during workload 1 (sampled)", "throughput", "CPU s", "s", "", None),
+    ("1. start -> the container's init exits", "throughput", "exit s", "s", "", None),
+    ("1. init exits -> exit report (drain, delete, report)", "throughput", "tail ms", "ms", "", None),
     ("2. Start latency: launch -> pid file", "lifecycle", "start ms", "ms",
      "ratio <= 3", lambda r, v: r is not None and r <= 3.0),
     ("3. Idle RSS", "idle", "RSS MB", "MB", "shimd <= 25 MB", lambda r, v: v <= 25.0),
