@@ -23,6 +23,7 @@ import ctypes
 import errno
 import os
 import stat
+import time
 from typing import Any, Callable
 
 from twisted.internet import abstract, main
@@ -40,6 +41,11 @@ READ_BURST = 8
 BURST_MIN = 4096
 """A read at least this large suggests more is waiting: read again."""
 
+GATHER = 0.0002
+"""Seconds a streaming pipe is left alone after it was read empty (see
+L{ReadPipe}): long enough for a fast writer to queue tens of KiB, short
+enough that nobody sees the delay."""
+
 
 def setNonBlocking(fd: int) -> None:
     """Set C{O_NONBLOCK} on C{fd}."""
@@ -49,6 +55,27 @@ def setNonBlocking(fd: int) -> None:
 SPLICE_F_NONBLOCK = 2
 
 _libc: Any = None
+
+
+def _loadLibc() -> Any:
+    """libc through ctypes, for the calls the C{os} module lacks (Python 3.11)."""
+    global _libc
+    if _libc is None:
+        # dlopen(NULL): the symbols already loaded, libc among them.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.tee.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+        libc.tee.restype = ctypes.c_ssize_t
+        libc.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.timerfd_create.restype = ctypes.c_int
+        libc.timerfd_settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        libc.timerfd_settime.restype = ctypes.c_int
+        _libc = libc
+    return _libc
+
+
+def _oserror() -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, os.strerror(err))
 
 
 def isPipe(fd: int) -> bool:
@@ -70,14 +97,7 @@ def tee(fdIn: int, fdOut: int, length: int) -> int:
     @raise OSError: C{EPIPE} when C{fdOut} has no reader, C{EINVAL} when
         either is not a pipe (or both are the same pipe).
     """
-    global _libc
-    if _libc is None:
-        # dlopen(NULL): the symbols already loaded, libc among them.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.tee.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
-        libc.tee.restype = ctypes.c_ssize_t
-        _libc = libc
-    n: int = _libc.tee(fdIn, fdOut, length, SPLICE_F_NONBLOCK)
+    n: int = _loadLibc().tee(fdIn, fdOut, length, SPLICE_F_NONBLOCK)
     if n >= 0:
         return n
     err = ctypes.get_errno()
@@ -114,12 +134,69 @@ class OwnedDescriptor(abstract.FileDescriptor):
         """The fd was closed, for C{reason}."""
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_TFD_CLOEXEC = os.O_CLOEXEC
+_TFD_NONBLOCK = os.O_NONBLOCK
+
+
+class NapTimer(OwnedDescriptor):
+    """
+    A one-shot C{timerfd} on the reactor, for pauses shorter than the
+    reactor's own timers can take (C{epoll_wait} counts in milliseconds).
+    It stays registered: the descriptor is readable only once it expired.
+    """
+
+    def __init__(self, reactor: IReactorFDSet, expired: Callable[[], object]) -> None:
+        super().__init__(reactor)
+        fd = _loadLibc().timerfd_create(time.CLOCK_MONOTONIC, _TFD_CLOEXEC | _TFD_NONBLOCK)
+        if fd < 0:
+            raise _oserror()
+        self.fd = fd
+        self._expired = expired
+        self._spec = _Itimerspec()
+        self.startReading()
+
+    def arm(self, seconds: float) -> None:
+        """Call C{expired} once, C{seconds} from now (re-arming moves it)."""
+        ns = max(int(seconds * 1e9), 1)
+        self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(ns, 1_000_000_000)
+        if _loadLibc().timerfd_settime(self.fd, 0, ctypes.byref(self._spec), None) < 0:
+            raise _oserror()
+
+    def doRead(self) -> object:
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:  # disarmed or re-armed meanwhile
+            return None
+        self._expired()
+        return None
+
+    def writeSomeData(self, data: bytes) -> int | BaseException:
+        return main.CONNECTION_LOST
+
+
 class ReadPipe(OwnedDescriptor):
     """
     Reads a pipe, FIFO or pty master and hands every chunk to a callback.
 
     @ivar eof: called once, with the reason, when the descriptor is done
         (end of file, error or L{close}).
+
+    With C{gather}, a pipe that was read empty after a wake-up that brought
+    at least L{BURST_MIN} bytes (a writer streaming output, 4 KiB per
+    C{write} for most programs) is left alone for C{gather} seconds before
+    it is watched again, so the next wake-up finds tens of KiB instead of
+    one write: a third fewer CPU seconds for a fast writer, which never
+    waits (the pipe holds far more than it writes meanwhile).  Small
+    output (a prompt, a line) is read at once, and nothing read is ever
+    held back.  Not for a pty, whose small buffer would stall the writer.
     """
 
     def __init__(
@@ -131,14 +208,17 @@ class ReadPipe(OwnedDescriptor):
         eioIsEOF: bool = False,
         chunkSize: int = READ_CHUNK,
         read: Callable[[int, int], bytes] = os.read,
+        gather: float = 0.0,
     ) -> None:
         """
         @param read: reads a chunk (C{os.read}'s signature and errors); a
             stream that tees its pipe to its sinks first hooks in here.
+        @param gather: seconds of pause after a streaming burst; C{0}: none.
         """
         super().__init__(reactor)
         self.fd = fd
         self.chunkSize = chunkSize
+        self.gather = gather
         self._read = read
         self._dataReceived = dataReceived
         self._eof = eof
@@ -147,14 +227,34 @@ class ReadPipe(OwnedDescriptor):
             setNonBlocking(fd)
 
     _reading = False
+    """Whether the owner wants the pipe read (a pause does not change it)."""
+    _napping = False
+    _timer: NapTimer | None = None
 
     def startReading(self) -> None:
         self._reading = True
-        super().startReading()
+        if not self._napping:
+            super().startReading()
 
     def stopReading(self) -> None:
         self._reading = False
         super().stopReading()
+
+    def _nap(self) -> None:
+        if self._timer is None:
+            try:
+                self._timer = NapTimer(self.reactor, self._wake)
+            except OSError:
+                self.gather = 0.0  # no timerfd: read as it comes
+                return
+        self._napping = True
+        super().stopReading()
+        self._timer.arm(self.gather)
+
+    def _wake(self) -> None:
+        self._napping = False
+        if self._reading and self.fd >= 0:
+            super().startReading()
 
     _atEnd = False
     """Whether the end was seen here (end of file, a read error, L{close})."""
@@ -164,6 +264,10 @@ class ReadPipe(OwnedDescriptor):
         super().close()
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self._napping = False
         if not self._atEnd and self.fd >= 0 and reason.check(ConnectionDone):
             # The reactor saw a hang-up and no readable data, which a pty
             # master reports before its last bytes arrive: read them.
@@ -186,11 +290,12 @@ class ReadPipe(OwnedDescriptor):
         # (what arrived while the last chunk was handled) instead of
         # going round the reactor for each; a few times at most, for the
         # other descriptors' sake.
+        got = 0
         for _ in range(READ_BURST):
             try:
                 data = self._read(self.fd, self.chunkSize)
             except (BlockingIOError, InterruptedError):
-                return None
+                break  # read empty
             except OSError as e:
                 self._atEnd = True
                 if e.errno == errno.EIO and self._eioIsEOF:
@@ -200,8 +305,17 @@ class ReadPipe(OwnedDescriptor):
                 self._atEnd = True
                 return main.CONNECTION_DONE
             self._dataReceived(data)
-            if len(data) < BURST_MIN or not self._reading or self.fd < 0:
+            got += len(data)
+            if not self._reading or self.fd < 0:
                 return None
+            if len(data) < (self.chunkSize if self.gather else BURST_MIN):
+                # A short read left a pipe empty (nearly, without gather:
+                # a small one says the writer is not streaming).
+                break
+        else:
+            return None  # more is waiting: the reactor comes back at once
+        if self.gather and got >= BURST_MIN:
+            self._nap()
         return None
 
     def writeSomeData(self, data: bytes) -> int | BaseException:

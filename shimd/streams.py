@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from shimd.fdio import SPLICE_F_NONBLOCK, ReadPipe, WritePipe, isPipe, setNonBlocking, tee
+from shimd.fdio import GATHER, SPLICE_F_NONBLOCK, ReadPipe, WritePipe, isPipe, setNonBlocking, tee
 
 
 class StreamLog(Protocol):
@@ -104,7 +104,8 @@ class OutputStream:
         self._chunks = 0
         self._finished = False
         self.ended: Deferred[None] = Deferred()
-        self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF, read=self._read)
+        self.reader = ReadPipe(reactor, fd, self._dataReceived, self._eof, eioIsEOF, read=self._read,
+                               gather=GATHER if self._teeSource else 0.0)
         if fd >= 0:
             self.reader.startReading()
 
@@ -114,6 +115,7 @@ class OutputStream:
         setNonBlocking(fd)
         self.reader.fd = fd
         self._teeSource = isPipe(fd)
+        self.reader.gather = GATHER if self._teeSource else 0.0
         if not self._paused:
             self.reader.startReading()
 

@@ -10,6 +10,7 @@ import fcntl
 import os
 
 import errno
+import select
 import socket
 
 from twisted.internet import main
@@ -18,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from shimd.fdio import BURST_MIN, READ_BURST, ReadPipe, WritePipe, tee
+from shimd.fdio import BURST_MIN, READ_BURST, NapTimer, ReadPipe, WritePipe, tee
 
 
 class ReadBurstTests(SynchronousTestCase):
@@ -130,6 +131,138 @@ class HangUpTests(SynchronousTestCase):
         self.reader._read = lambda fd, n: calls.append(fd) or b""  # type: ignore[method-assign]
         self.reader.connectionLost(Failure(ConnectionDone()))
         self.assertEqual((self.chunks, calls), ([b"all"], []))
+
+
+def expire(timer: NapTimer) -> None:
+    """Wait (1 s at most) for the timerfd to expire, then do what the reactor would."""
+    ready, _, _ = select.select([timer.fd], [], [], 1.0)
+    assert ready, "the timerfd never expired"
+    timer.doRead()
+
+
+class GatherTests(SynchronousTestCase):
+    """
+    With C{gather}, a pipe read empty after a streaming burst is left alone
+    for a moment, so that the next wake-up reads many writes at once.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        r, self.w = os.pipe2(os.O_CLOEXEC)
+        fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        self.addCleanup(self.closeWriter)
+        self.chunks: list[bytes] = []
+        self.reader = ReadPipe(self.reactor, r, self.chunks.append, gather=0.0002)
+        self.addCleanup(self.reader.close)
+        self.reader.startReading()
+
+    def closeWriter(self) -> None:
+        if self.w >= 0:
+            os.close(self.w)
+            self.w = -1
+
+    def timer(self) -> NapTimer:
+        timer = self.reader._timer
+        assert timer is not None, "no pause"
+        return timer
+
+    def test_streamingBurstPauses(self) -> None:
+        """
+        After a burst of at least BURST_MIN bytes has emptied the pipe, the
+        reader leaves the reactor until the pause is over; what came
+        meanwhile is read in one go.
+        """
+        os.write(self.w, b"a" * BURST_MIN)
+        self.assertIsNone(self.reader.doRead())
+        self.assertEqual(self.chunks, [b"a" * BURST_MIN])
+        self.assertNotIn(self.reader, self.reactor.getReaders())
+        self.assertIn(self.timer(), self.reactor.getReaders())
+        for _ in range(5):
+            os.write(self.w, b"b" * BURST_MIN)
+        expire(self.timer())
+        self.assertIn(self.reader, self.reactor.getReaders())
+        self.reader.doRead()
+        self.assertEqual(self.chunks[1:], [b"b" * BURST_MIN * 5])
+
+    def test_smallOutputAtOnce(self) -> None:
+        """A prompt or a line: no pause, the pipe stays watched."""
+        os.write(self.w, b"$ ")
+        self.reader.doRead()
+        self.assertEqual(self.chunks, [b"$ "])
+        self.assertIn(self.reader, self.reactor.getReaders())
+        self.assertIsNone(self.reader._timer)
+
+    def test_noPauseWhileMoreWaits(self) -> None:
+        """A burst that did not empty the pipe comes back at once."""
+        os.write(self.w, b"c" * (READ_BURST * self.reader.chunkSize + 1))
+        self.reader.doRead()
+        self.assertEqual(sum(map(len, self.chunks)), READ_BURST * self.reader.chunkSize)
+        self.assertIn(self.reader, self.reactor.getReaders())
+
+    def test_stoppedDuringPause(self) -> None:
+        """Stopped during a pause (backpressure), the reader stays stopped after it."""
+        os.write(self.w, b"d" * BURST_MIN)
+        self.reader.doRead()
+        self.reader.stopReading()
+        expire(self.timer())
+        self.assertNotIn(self.reader, self.reactor.getReaders())
+        self.reader.startReading()
+        self.assertIn(self.reader, self.reactor.getReaders())
+
+    def test_startedDuringPause(self) -> None:
+        """Started during a pause, the reader waits for its end."""
+        os.write(self.w, b"e" * BURST_MIN)
+        self.reader.doRead()
+        self.reader.stopReading()
+        self.reader.startReading()
+        self.assertNotIn(self.reader, self.reactor.getReaders())
+        expire(self.timer())
+        self.assertIn(self.reader, self.reactor.getReaders())
+
+    def test_endOfFileAfterPause(self) -> None:
+        """The writer closing during a pause is end of file after it; nothing lost."""
+        os.write(self.w, b"f" * BURST_MIN)
+        self.reader.doRead()
+        os.write(self.w, b"last")
+        self.closeWriter()
+        expire(self.timer())
+        self.assertIsNone(self.reader.doRead())
+        self.assertIs(self.reader.doRead(), main.CONNECTION_DONE)
+        self.assertEqual(self.chunks[-1], b"last")
+
+    def test_closeClosesTheTimer(self) -> None:
+        """Closing the reader during a pause closes the timerfd too."""
+        os.write(self.w, b"g" * BURST_MIN)
+        self.reader.doRead()
+        timer = self.timer()
+        self.reader.close()
+        self.assertEqual(timer.fd, -1)
+        self.assertNotIn(timer, self.reactor.getReaders())
+        self.assertIsNone(self.reader._timer)
+
+    def test_noGatherNoPause(self) -> None:
+        """Without gather (the default), a burst never pauses."""
+        self.reader.gather = 0.0
+        os.write(self.w, b"h" * BURST_MIN)
+        self.reader.doRead()
+        self.assertIn(self.reader, self.reactor.getReaders())
+        self.assertIsNone(self.reader._timer)
+
+
+class NapTimerTests(SynchronousTestCase):
+    def test_firesOnce(self) -> None:
+        """Armed, the timer calls back once, then stays quiet."""
+        reactor = MemoryReactorClock()
+        calls: list[None] = []
+        timer = NapTimer(reactor, lambda: calls.append(None))
+        self.addCleanup(timer.close)
+        self.assertIn(timer, reactor.getReaders())
+        timer.arm(0.0001)
+        expire(timer)
+        self.assertEqual(len(calls), 1)
+        timer.doRead()  # a spurious wake-up: nothing to read
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(select.select([timer.fd], [], [], 0.01)[0], [])
 
 
 class TeeTests(SynchronousTestCase):

@@ -75,6 +75,10 @@ class OutputStreamTests(SynchronousTestCase):
         self.source, self.container = pipe(self)
         fcntl.fcntl(self.source, fcntl.F_SETPIPE_SZ, 1 << 20)
         self.stream = OutputStream(self.reactor, self.reactor, "stdout", self.source, self.log, stallTimeout=10)
+        # These tests tell a paused source by its absence from the
+        # reactor's readers, which a gather pause would fake.
+        self.assertEqual(self.stream.reader.gather, fdio.GATHER)
+        self.stream.reader.gather = 0.0
         self.teed: list[int | str] = []
         realTee = fdio.tee
 
@@ -247,6 +251,9 @@ class OutputStreamTests(SynchronousTestCase):
         stream.reader.doRead()
         self.assertEqual(readAll(r), b"tty")
         self.assertEqual(self.teed, [])
+        # Nor does it pause after a burst: a pty's small buffer would
+        # stall the writer.
+        self.assertEqual(stream.reader.gather, 0.0)
 
     def test_slowReaderPausesSource(self) -> None:
         """Over the high-water mark the source stops; once drained it resumes; no byte lost."""
