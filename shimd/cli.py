@@ -36,8 +36,10 @@ def runShim(reactor: Any, config: Any, launch: Any = None) -> int:
 
     @param launch: a L{shimd.launch.Launch} already made, if any.
     """
+    from shimd.lean import tuneMalloc
     from shimd.service import EXIT_ERROR, ShimService
 
+    tuneMalloc()  # this process is the shim's own
     shim = ShimService(config, reactor, launch=launch)
     result: list[int] = []
 

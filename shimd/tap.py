@@ -71,8 +71,10 @@ def makeService(options: Options) -> ShimService:
     from twisted.internet import reactor
     from twisted.logger import globalLogPublisher
 
+    from shimd.lean import tuneMalloc
     from shimd.shimlog import SHIM_LOG_NAME, jsonLineObserver
 
+    tuneMalloc()  # twistd's process is the shim's own
     shim = ShimService(configFromOptions(options), reactor)
     if not options["no-shim-log"]:
         observer = jsonLineObserver(
