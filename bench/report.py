@@ -156,6 +156,8 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
   latency), so the rest of its start-up (the "pid file -> first attach reply" figure) falls
   after the pid file, inside the `runc start` -> exit window if the container writes at once;
   conmon is fully up when its pid file appears. The launch -> exit figure holds every start-up.
+  The run is split where the container's init exits (the bench polls a pidfd on it): before,
+  the workload's own run beside the shim; after, the shim's tail (drain, delete, report).
 - Start latency: from launching the shim to runc's pid file appearing (inotify), `sleep` container.
 - Exit report latency: from spawning `runc kill <id> KILL` to the status being readable. shimd
   reports after its own `runc delete --force` (iSulad's order: the container is gone from runc
