@@ -197,6 +197,21 @@ class ExecCommandTests(EngineMixin, TestCase):
             self.engine.close(c)
 
 
+def fdLinks(pid: int) -> list[str]:
+    """
+    What process C{pid}'s descriptors point at.  The process may be closing
+    some meanwhile (the shim is on its way out): a descriptor gone between
+    the listing and its C{readlink} is not held, and is left out.
+    """
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return links
+
+
 class TerminalExecTests(RunningContainerMixin, TestCase):
     """Issue 5 point 4: terminal execs use the console socket and resize_fifo; C8 for execs."""
 
@@ -212,8 +227,7 @@ class TerminalExecTests(RunningContainerMixin, TestCase):
             if check:
                 # The process is gone and its output ended: the shim must hold no pty.
                 assert e.shim is not None
-                fds = os.listdir(f"/proc/{e.shim.pid}/fd")
-                links = [os.readlink(f"/proc/{e.shim.pid}/fd/{fd}") for fd in fds if os.path.exists(f"/proc/{e.shim.pid}/fd/{fd}")]
+                links = fdLinks(e.shim.pid)
                 self.assertFalse([l for l in links if "ptmx" in l or "/dev/pts" in l], links)
             code = self.engine.reapShim(e)
             status = struct.unpack("=i", e.shimStatus)[0] if len(e.shimStatus) == 4 else None
