@@ -170,10 +170,11 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
   deleted" adds to conmon's figure the engine's `runc delete --force` spawned right after the
   report (posix_spawn, as the shims spawn runc); for shimd it is the exit report latency, and the
   bench checks that runc's state directory is gone by then. The figure is split where the
-  container's init exits (the bench polls a pidfd on it): "runc kill -> the container's init
-  exits" is runc kill's start-up and the kernel's work, the same for both shims; "init exits ->
-  status" is the shim's own part (for shimd almost all of it is its `runc delete`, most of which
-  is runc's own start-up).
+  container's init exits (the bench polls a pidfd on it), in rounds of their own (the bench's
+  wake-up at the exit competes with the shim for a CPU, so the split rounds' sum is not the
+  headline figure): "runc kill -> the container's init exits" is runc kill's start-up and the
+  kernel's work, the same for both shims; "init exits -> status" is the shim's own part (for
+  shimd almost all of it is its `runc delete`, most of which is runc's own start-up).
 - Shim CPU during workload 1: utime+stime sampled every 0.1 s, so up to 0.1 s of work is missed.
 - Idle: both shims beside a `sleep` container in the same window, after 2 s of settling; CPU is
   utime+stime from /proc/<pid>/stat, memory Rss/Pss from /proc/<pid>/smaps_rollup.
