@@ -73,6 +73,20 @@ def record(results: Results, workload: str, variant: str, figures: dict[str, flo
 # -- workloads ---------------------------------------------------------------
 
 
+def watchExit(pid: int, exited: list[float]) -> dict[int, Callable[[int], object]]:
+    """
+    A handler for L{shims.waitUntil} that appends to C{exited} the time
+    process C{pid} exits (a pidfd polls readable for a process that is not
+    ours too).
+    """
+    def readable(fd: int) -> None:
+        if not exited:
+            exited.append(now())
+            os.close(fd)  # poll() then says POLLNVAL and drops it
+
+    return {os.pidfd_open(pid): readable}
+
+
 def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float]:
     """Workload 1 (and 5b with sessions)."""
     run = runner.prepare(["sh", "-c", f"yes {LINE} | head -n {lines}"], "tp")
@@ -105,18 +119,12 @@ def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float
             if c is not None:
                 cpu[0] = c
 
-        # When the container's init exits (a pidfd polls readable for a
-        # process that is not ours too): splits the time into the
+        # When the container's init exits: splits the time into the
         # workload's own run and the shim's tail (drain, delete, report).
         exited: list[float] = []
         containerPid = run.extra.get("containerPid")
         if containerPid:
-            def initExited(fd: int) -> None:
-                if not exited:
-                    exited.append(now())
-                    os.close(fd)  # poll() then says POLLNVAL and drops it
-
-            readers[os.pidfd_open(containerPid)] = initExited
+            readers.update(watchExit(containerPid, exited))
         t0 = now()
         runner.start(run)
         sample()
@@ -176,14 +184,7 @@ def lifecycle(runner: Runner, split: bool = False) -> dict[str, float]:
         runner.start(run)
         time.sleep(0.3)
         exited: list[float] = []
-        watch: dict[int, Callable[[int], object]] = {}
-        if split:
-            def initExited(fd: int) -> None:
-                if not exited:
-                    exited.append(now())
-                    os.close(fd)  # poll() then says POLLNVAL and drops it
-
-            watch[os.pidfd_open(run.extra["containerPid"])] = initExited
+        watch = watchExit(run.extra["containerPid"], exited) if split else {}
         t2 = now()
         kill = run.runc("kill", run.id, "KILL", wait=False)
         t3 = runner.waitExit(run, timeout=30, more=watch)
@@ -466,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     info["wall time"] = f"{now() - started:.0f} s"
     info["load average (1, 5, 15 min)"] = f"{loadStart} at the start, {loadAverage()} at the end"
     info["settings"] = (f"{runs} counted runs + 1 warm-up per workload (throughput: {tpRuns}, "
-                        f"lifecycle: {lcRuns}, and {splitRuns} split at the init's exit), {lines:,} lines, idle window {window:g} s, "
-                        f"{attaches} attaches per run")
+                        f"lifecycle: {lcRuns}, and {splitRuns} split at the init's exit), {lines:,} lines, "
+                        f"idle window {window:g} s, {attaches} attaches per run")
     from report import markdown, plot
 
     text = markdown(results, info, notes, lines)
