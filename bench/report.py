@@ -58,6 +58,14 @@ def pairRatios(a: list[float] | None, b: list[float] | None) -> list[float]:
     return [x / y for x, y in zip(a, b) if y]
 
 
+def spread(ratios: list[float]) -> str:
+    """The middle half of the per-round ratios, C{"q1-q3"}: how far a median is from noise."""
+    if len(ratios) < 4:
+        return ""
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{fmt(q1)}-{fmt(q3)}"
+
+
 def markdown(results: Results, info: dict[str, str], notes: list[str], lines: int) -> str:
     out = ["# shimd vs conmon: benchmark results", ""]
     out.append("Produced by `make bench` (`bench/run.py`); rerun it to refresh this file.")
@@ -68,10 +76,11 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
         out.append(f"| {key} | {value} |")
     out.append("")
     out.append("Medians of the counted runs. *ratio* is shimd/conmon, the median of the "
-               "per-round ratios (runs alternate A B, B A, ...).")
+               "per-round ratios (runs alternate A B, B A, ...); *middle half* is the 25th to "
+               "75th percentile of those per-round ratios.")
     out.append("")
-    out.append("| figure | unit | shimd | conmon | ratio | target | met |")
-    out.append("|---|---|---:|---:|---:|---|---|")
+    out.append("| figure | unit | shimd | conmon | ratio | middle half | target | met |")
+    out.append("|---|---|---:|---:|---:|---:|---|---|")
     verdicts: list[tuple[str, bool]] = []
     for label, workload, figure, unit, target, check in ROWS:
         w = results.get(workload, {})
@@ -88,11 +97,24 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
             met = "yes" if ok else "**no**"
             verdicts.append((f"{label} ({target})", ok))
         out.append(f"| {label} | {unit} | {fmt(va)} | {fmt(med(b))} | "
-                   f"{fmt(ratio) if ratio is not None else ''} | {target} | {met} |")
+                   f"{fmt(ratio) if ratio is not None else ''} | {spread(ratios)} | {target} | {met} |")
     out.append("")
 
-    # Attach: shimd only, compared with shimd's own non-attached run.
+    # The floor: the same container with its output to /dev/null.
     tp = results.get("throughput", {})
+    alone = tp.get("container alone", {}).get("exit s")
+    if alone:
+        out.append("The container alone: workload 1 with its output to /dev/null (under shimd, which "
+                   "then has nothing to copy), in the same rounds. *vs alone* is the median of the "
+                   "per-round ratios to it: what each shim's copying costs the container's own run.")
+        out.append("")
+        out.append("| figure | unit | container alone | shimd vs alone | conmon vs alone |")
+        out.append("|---|---|---:|---:|---:|")
+        row = [fmt(med(pairRatios(tp.get(shim, {}).get("exit s"), alone))) for shim in ("shimd", "conmon")]
+        out.append(f"| 1. start -> the container's init exits | s | {fmt(med(alone))} | {row[0]} | {row[1]} |")
+        out.append("")
+
+    # Attach: shimd only, compared with shimd's own non-attached run.
     at = results.get("attach", {}).get("shimd", {})
     if at or "shimd+1 attach" in tp:
         out.append("Attach (shimd only; conmon's attach is another protocol). Workload-1 times are "
@@ -161,6 +183,8 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
   conmon is fully up when its pid file appears. The launch -> exit figure holds every start-up.
   The run is split where the container's init exits (the bench polls a pidfd on it): before,
   the workload's own run beside the shim; after, the shim's tail (drain, delete, report).
+  The container alone is `sh -c 'yes <100 chars> | head -n {lines} >/dev/null'` under shimd, in
+  the same rounds: the container's own speed on this machine when no shim copies its output.
 - Start latency: from launching the shim to runc's pid file appearing (inotify), `sleep` container.
 - Exit report latency: from spawning `runc kill <id> KILL` to the status being readable. shimd
   reports after its own `runc delete --force` (iSulad's order: the container is gone from runc
@@ -192,7 +216,7 @@ def plot(results: Results, path: str, info: dict[str, str]) -> None:
 
     panels: list[tuple[str, str, str, list[str]]] = [
         ("Workload 1: start -> exit report (s)", "throughput", "seconds",
-         ["shimd", "conmon", "shimd+1 attach", "shimd+16 attach"]),
+         ["shimd", "conmon", "shimd+1 attach", "shimd+16 attach", "container alone"]),
         ("Log throughput (MB/s)", "throughput", "MB/s", ["shimd", "conmon"]),
         ("Start latency (ms)", "lifecycle", "start ms", ["shimd", "conmon"]),
         ("Exit report latency (ms)", "lifecycle", "exit ms", ["shimd", "conmon"]),
@@ -203,7 +227,7 @@ def plot(results: Results, path: str, info: dict[str, str]) -> None:
         ("Idle CPU over the window (s)", "idle", "idle CPU s", ["shimd", "conmon"]),
     ]
     colors = {"shimd": "#1f77b4", "conmon": "#ff7f0e", "shimd+1 attach": "#6baed6",
-              "shimd+16 attach": "#08519c"}
+              "shimd+16 attach": "#08519c", "container alone": "#7f7f7f"}
     fig, axes = plt.subplots(3, 3, figsize=(16, 12))
     for ax, (title, workload, figure, variants) in zip(axes.flat, panels):
         names, medians, points = [], [], []

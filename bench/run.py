@@ -16,7 +16,9 @@ reported with the ratio shimd/conmon:
  1. throughput: `yes <100 chars> | head -n 2000000`, from `runc start` to the
     exit report (shimd: the status on exit_fifo; conmon: the exit file),
     MB/s, lines/s, the shim's peak RSS (VmHWM, sampled every 0.1 s up to the
-    report); both logs must hold every line (records counted).
+    report); both logs must hold every line (records counted).  In the
+    same rounds, the container alone: the same one with its output to
+    /dev/null (under shimd, which then has nothing to copy), the floor.
  2. start latency (lifecycle): launching the shim -> the pid file exists
     (inotify), for a `sleep` container.
  3. memory (idle): RSS and PSS (smaps_rollup) beside an idle container.
@@ -87,9 +89,16 @@ def watchExit(pid: int, exited: list[float]) -> dict[int, Callable[[int], object
     return {os.pidfd_open(pid): readable}
 
 
-def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float]:
-    """Workload 1 (and 5b with sessions)."""
-    run = runner.prepare(["sh", "-c", f"yes {LINE} | head -n {lines}"], "tp")
+def throughput(runner: Runner, lines: int, sessions: int = 0, alone: bool = False) -> dict[str, float]:
+    """
+    Workload 1 (and 5b with sessions).
+
+    @param alone: the same container with its output to C{/dev/null}, so
+        that the shim has nothing to copy: how fast the container runs on
+        its own, the floor both shims are measured against.
+    """
+    sink = " >/dev/null" if alone else ""
+    run = runner.prepare(["sh", "-c", f"yes {LINE} | head -n {lines}{sink}"], "tp")
     attached: list[Session] = []
     try:
         launched = now()
@@ -144,7 +153,7 @@ def throughput(runner: Runner, lines: int, sessions: int = 0) -> dict[str, float
         if run.status != 0:
             raise BenchError(f"{runner.name}: the container's status was {run.status}")
         records, complete = runner.countLines(run)
-        if complete != lines:
+        if complete != (0 if alone else lines):
             raise BenchError(f"{runner.name}: the log holds {complete} of {lines} lines ({records} records)")
         for i, s in enumerate(attached):
             if s.outBytes != lines * LINE_BYTES:
@@ -445,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             variants: list[tuple[str, Callable[[], Any]]] = [
                 ("shimd", lambda: throughput(shimd, lines)),
                 ("conmon", lambda: throughput(conmon, lines)),
+                ("container alone", lambda: throughput(shimd, lines, alone=True)),
             ]
             if hasAttach and "attach" in only:
                 variants += [
