@@ -8,8 +8,8 @@ The lifecycle, in order::
     pipes, runc create or exec started) -> adopt every descriptor, open the
     log -> runc has exited -> read ./pid -> watch the pid (pidfd)
     -> [runc start] -> exit status -> drain output (bounded) -> flush log and
-    FIFOs -> runc kill --all, delete --force (create only)
-    -> report: exit FIFO, ./exit, status fd -> done
+    FIFOs -> ./exit -> runc kill --all, delete --force (create only)
+    -> report: exit FIFO, status fd -> done
 
 Each step that waits is a Deferred.  The service is embeddable: give it a
 reactor and add it to any service parent; L{ShimService.done} fires with the
@@ -174,13 +174,17 @@ class ShimService(service.MultiService):
 
         await self._drainOutput()
         self._stopAttach()
+        # ./exit now, while runc delete runs: the report after it is then
+        # only two pipe writes (the file costs 0.15 ms on ext4).
+        self._writeExitFile(status)
         if not state.exec:
             await (cleanup if cleanup is not None else self._cleanupContainer())
-        reapStrays(())
         if self._timedOut:
-            self._writeExitFile(status)
+            reapStrays(())
             return EXIT_TIMEOUT
         self._report(status)
+        # After the report, not before: nobody waits for strays' zombies.
+        reapStrays(())
         return EXIT_OK
 
     def _execTimedOut(self) -> None:
@@ -358,8 +362,8 @@ class ShimService(service.MultiService):
 
     def _report(self, status: int) -> None:
         """
-        Write the status: ./exit, the exit FIFO and the status fd; then
-        give the CPU to whoever reads it.
+        Write the status to the exit FIFO and the status fd (./exit holds
+        it already); then give the CPU to whoever reads it.
 
         A write to a pipe wakes its reader as a "sync" wake-up: Linux
         queues the reader on the writer's CPU, expecting the writer to
@@ -369,7 +373,6 @@ class ShimService(service.MultiService):
         lifecycle runs).  C{sched_yield} lets the reader run first.
         """
         packed = struct.pack("=i", status)
-        self._writeExitFile(status)
         if self._exitFifo is not None:
             try:
                 os.write(self._exitFifo, packed)

@@ -72,6 +72,10 @@ class Result:
     workdir: str
     records: list[dict[str, Any]] = field(default_factory=list)
     atStatus: tuple[bytes, bytes, str] | None = None
+    exitFileAtStatus: str | None = None
+    """What ./exit held when the status arrived on the exit FIFO."""
+    inRuncAtStatus: bool | None = None
+    """Whether runc still had the container when the status arrived."""
 
 
 class EngineMixin:
@@ -114,11 +118,18 @@ class EngineMixin:
             if between is not None:
                 between(c)
             seen: list[tuple[bytes, bytes, str]] = []
+            atStatus: dict[str, Any] = {}
 
             def onStatus(status: int, out: bytes, err: bytes) -> None:
                 log = c.path("console.log")
                 text = open(log).read() if os.path.exists(log) else ""
                 seen.append((out, err, text))
+                atStatus["inRunc"] = os.path.exists(os.path.join(c.root, c.id))
+                try:
+                    with open(c.path("exit")) as f:
+                        atStatus["exitFile"] = f.read()
+                except FileNotFoundError:
+                    atStatus["exitFile"] = None
 
             out, err, status = self.engine.collect(c, timeout=timeout, onStatus=onStatus)
             if feeder is not None:
@@ -126,7 +137,8 @@ class EngineMixin:
             code = self.engine.reapShim(c)
             logs = [c.path("console.log")] if os.path.exists(c.path("console.log")) else []
             return Result(out, err, status, code, c.shimStatus, c.shimStderr, c.workdir,
-                          readRecords(logs), seen[0] if seen else None)
+                          readRecords(logs), seen[0] if seen else None,
+                          atStatus.get("exitFile"), atStatus.get("inRunc"))
         finally:
             self.engine.close(c, remove=False)
 

@@ -34,6 +34,9 @@ class ExitCodeTests(EngineMixin, TestCase):
         self.assertEqual(r.shimStdout, struct.pack("=i", expected))
         with open(os.path.join(r.workdir, "exit")) as f:
             self.assertEqual(f.read(), str(expected))
+        # When the engine reads the status, ./exit holds it and runc has
+        # deleted the container (isulad-shim's order).
+        self.assertEqual((r.exitFileAtStatus, r.inRuncAtStatus), (str(expected), False))
 
     def test_true(self) -> None:
         self.assertStatus(["true"], 0)
