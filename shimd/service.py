@@ -179,13 +179,11 @@ class ShimService(service.MultiService):
         self._writeExitFile(status)
         if not state.exec:
             await (cleanup if cleanup is not None else self._cleanupContainer())
-        if self._timedOut:
-            reapStrays(())
-            return EXIT_TIMEOUT
-        self._report(status)
+        if not self._timedOut:
+            self._report(status)
         # After the report, not before: nobody waits for strays' zombies.
         reapStrays(())
-        return EXIT_OK
+        return EXIT_TIMEOUT if self._timedOut else EXIT_OK
 
     def _execTimedOut(self) -> None:
         self._log.warn("exec timeout ({t}s): killing pid {pid}", t=self.config.execTimeout, pid=self.pid)
