@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,27 @@ def requireRunc() -> str:
     from shimd.bundle import ensureDemoBundle
 
     return ensureDemoBundle()
+
+
+def ptyFds(pid: int) -> list[str]:
+    """
+    The pty masters and slaves among C{pid}'s open fds.  The process may be
+    closing some meanwhile (a shim on its way out): one gone between the
+    listing and its C{stat} is not held, and is left out.
+    """
+    found = []
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            st = os.stat(os.path.join(base, name))
+            link = os.readlink(os.path.join(base, name))
+        except OSError:
+            continue
+        if stat.S_ISCHR(st.st_mode) and (
+            os.major(st.st_rdev) == 5 and os.minor(st.st_rdev) == 2 or 136 <= os.major(st.st_rdev) <= 143
+        ):
+            found.append(f"{name} -> {link}")
+    return found
 
 
 def repeat(default: int) -> int:

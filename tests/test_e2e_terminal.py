@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -27,27 +26,11 @@ from tests.e2e import (
     EngineMixin,
     RunningContainerMixin,
     parallel,
+    ptyFds,
     readRecords,
     reassemble,
     repeat,
 )
-
-
-def ptyFds(pid: int) -> list[str]:
-    """The pty masters and slaves among C{pid}'s open fds."""
-    found = []
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
-        try:
-            st = os.stat(os.path.join(base, name))
-            link = os.readlink(os.path.join(base, name))
-        except OSError:
-            continue
-        if stat.S_ISCHR(st.st_mode) and (
-            os.major(st.st_rdev) == 5 and os.minor(st.st_rdev) == 2 or 136 <= os.major(st.st_rdev) <= 143
-        ):
-            found.append(f"{name} -> {link}")
-    return found
 
 
 def isAlive(pid: int) -> bool:
