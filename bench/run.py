@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run: fewer lines, runs and seconds")
     parser.add_argument("--runs", type=int,
-                        help="counted runs per workload (default 5; throughput 9, lifecycle 20)")
+                        help="counted runs per workload (default 5; throughput 9, lifecycle 20 and 10 split)")
     parser.add_argument("--lines", type=int, help="lines for workload 1 (default 2,000,000)")
     parser.add_argument("--idle-window", type=float, help="seconds of the idle CPU window (default 30)")
     parser.add_argument("--only", help="comma-separated: throughput,lifecycle,idle,attach")

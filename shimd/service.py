@@ -11,6 +11,10 @@ The lifecycle, in order::
     FIFOs -> ./exit -> runc kill --all, delete --force (create only)
     -> report: exit FIFO, status fd -> done
 
+(A container whose init was process 1 of its own pid namespace needs no
+kill --all, and its delete begins at the exit status, while the output
+drains.)
+
 Each step that waits is a Deferred.  The service is embeddable: give it a
 reactor and add it to any service parent; L{ShimService.done} fires with the
 shim's exit code (0 ok, 1 error, 2 exec timeout).  C{isulad-shim} launches
