@@ -1,10 +1,18 @@
 """
-`bench/run.py --profile [DIR] [--profile-sessions N]`: one workload-1 run
-on shimd (with N attach sessions) with the shim under cProfile
+Where shimd's time goes in workload 1: one run with the shim under cProfile
 (`python -m cProfile -o DIR/shimd-<time>.prof isulad-shim ...`; cProfile
-writes the file when the shim calls sys.exit), then the top of the profile
-by own time and by cumulative time.  No change to shimd is needed:
-the engine takes the shim's argv.
+writes the file when the shim calls sys.exit).  No change to shimd is
+needed: the engine takes the shim's argv.
+
+`make bench` ends with one such run and puts its summary in results.md
+(L{summarize}, rendered by L{report.markdown}), so that the table says why
+as well as whether.  `bench/run.py --profile [DIR] [--profile-sessions N]`
+makes one run and prints the top of the profile by own and by cumulative
+time.
+
+cProfile's clock is the wall clock: a function's own time holds the time the
+shim was off a CPU while in it, and the wait in C{epoll.poll} is the time the
+shim had nothing to do.
 """
 
 from __future__ import annotations
@@ -13,12 +21,123 @@ import os
 import pstats
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 from shims import ShimdRunner
 from shimd.engine import shimCommand
 
+_WAIT = "<method 'poll' of 'select.epoll' objects>"
+_LOOP = "mainLoop"
+_IMPORT = "_find_and_load"
 
-def profileThroughput(stateRoot: str, bundle: str, lines: int, outdir: str, sessions: int = 0) -> int:
+GROUPS: list[tuple[str, Callable[[str, str], bool]]] = [
+    ("reading the container's pipes (`os.read`)", lambda f, n: n == "<built-in method posix.read>"),
+    ("writing the log and the FIFOs (`os.write`)", lambda f, n: n == "<built-in method posix.write>"),
+    ("escaping and building records (methods of bytes)", lambda f, n: f == "~" and "of 'bytes' objects" in n),
+    ("shimd's Python", lambda f, n: _kind(f) == "shimd"),
+    ("Twisted's Python", lambda f, n: _kind(f) == "Twisted"),
+]
+"""Named parts of the shim's own time, by function (file, name)."""
+
+
+@dataclass
+class ProfileRow:
+    """One function: where it is, what kind of code, its calls and own time."""
+
+    where: str
+    kind: str
+    calls: int
+    own: float
+
+
+@dataclass
+class ProfileSummary:
+    """
+    One profiled shim, from its start to its exit.
+
+    @ivar seconds: the run's C{runc start} -> exit report.
+    @ivar total: seconds of the profiled shim, start-up included.
+    @ivar loop: seconds in the reactor's main loop (cumulative).
+    @ivar wait: seconds waiting in C{epoll.poll}: the shim had nothing to do.
+    @ivar imports: seconds importing modules (cumulative, at start-up and
+        any later import).
+    @ivar groups: own seconds of each of L{GROUPS}, in order.
+    @ivar top: the functions with the most own time, the wait excluded.
+    """
+
+    path: str
+    seconds: float
+    records: float
+    total: float = 0.0
+    loop: float = 0.0
+    wait: float = 0.0
+    imports: float = 0.0
+    calls: int = 0
+    reads: int = 0
+    groups: dict[str, float] = field(default_factory=dict)
+    top: list[ProfileRow] = field(default_factory=list)
+
+
+def _kind(filename: str) -> str:
+    if filename == "~":
+        return "C built-in"
+    if f"{os.sep}shimd{os.sep}" in filename:
+        return "shimd"
+    if f"{os.sep}twisted{os.sep}" in filename:
+        return "Twisted"
+    return "stdlib and the rest"
+
+
+def _where(filename: str, line: int, name: str) -> str:
+    if filename == "~":
+        return name
+    for marker, keep in ((f"{os.sep}site-packages{os.sep}", ""), (f"{os.sep}shimd{os.sep}", "shimd" + os.sep),
+                         (f"{os.sep}lib{os.sep}python{sys.version_info[0]}.{sys.version_info[1]}{os.sep}", "")):
+        if marker in filename:
+            filename = keep + filename.rsplit(marker, 1)[1]
+            break
+    else:
+        filename = os.path.basename(filename)
+    return f"{filename}:{line}({name})"
+
+
+def summarize(path: str, seconds: float, records: float, top: int = 12) -> ProfileSummary:
+    """Read a profile written by L{profiledRun}."""
+    stats = pstats.Stats(path)
+    entries = stats.stats  # type: ignore[attr-defined]
+    summary = ProfileSummary(path=path, seconds=seconds, records=records,
+                             groups={name: 0.0 for name, _ in GROUPS})
+    rows: list[ProfileRow] = []
+    for (filename, line, name), (_, calls, own, cumulative, _) in entries.items():
+        summary.total += own
+        summary.calls += calls
+        if name == _WAIT:
+            summary.wait += own
+            continue
+        if name == _LOOP and f"{os.sep}twisted{os.sep}" in filename:
+            summary.loop = max(summary.loop, cumulative)
+        if name == _IMPORT and filename.startswith("<frozen importlib"):
+            summary.imports = max(summary.imports, cumulative)
+        if name == "<built-in method posix.read>":
+            summary.reads = calls
+        for group, matches in GROUPS:
+            if matches(filename, name):
+                summary.groups[group] += own
+                break
+        rows.append(ProfileRow(_where(filename, line, name), _kind(filename), calls, own))
+    rows.sort(key=lambda r: r.own, reverse=True)
+    summary.top = rows[:top]
+    return summary
+
+
+def profiledRun(stateRoot: str, bundle: str, lines: int, outdir: str,
+                sessions: int = 0) -> tuple[str, dict[str, float]]:
+    """
+    Workload 1 once on shimd with the shim under cProfile.
+
+    @return: the profile's path and the run's figures.
+    """
     from run import throughput
 
     os.makedirs(outdir, exist_ok=True)
@@ -26,7 +145,11 @@ def profileThroughput(stateRoot: str, bundle: str, lines: int, outdir: str, sess
     shim = shimCommand()
     argv = [sys.executable, "-m", "cProfile", "-o", path, *shim[-1:]]
     runner = ShimdRunner(stateRoot, bundle, shimArgv=argv)
-    figures = throughput(runner, lines, sessions)
+    return path, throughput(runner, lines, sessions)
+
+
+def profileThroughput(stateRoot: str, bundle: str, lines: int, outdir: str, sessions: int = 0) -> int:
+    path, figures = profiledRun(stateRoot, bundle, lines, outdir, sessions)
     print(f"workload 1 with {sessions} attach sessions under cProfile: {figures['seconds']:.2f} s, "
           f"{figures['records']:.0f} records")
     print(f"profile: {path}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from profiling import ProfileSummary
 
 Results = dict[str, dict[str, dict[str, list[float]]]]
 
@@ -16,6 +19,8 @@ ROWS: list[tuple[str, str, str, str, str, Check]] = [
     ("1. Log throughput", "throughput", "MB/s", "MB/s", "", None),
     ("1. Log throughput", "throughput", "lines/s", "lines/s", "", None),
     ("1. Shim CPU during workload 1 (sampled)", "throughput", "CPU s", "s", "", None),
+    ("1. of it, user time (shimd: Python and its bytes methods)", "throughput", "CPU user s", "s", "", None),
+    ("1. of it, system time (the kernel: reads, writes, wake-ups)", "throughput", "CPU system s", "s", "", None),
     ("1. start -> the container's init exits", "throughput", "exit s", "s", "", None),
     ("1. init exits -> exit report (drain, delete, report)", "throughput", "tail ms", "ms", "", None),
     ("2. Start latency: launch -> pid file", "lifecycle", "start ms", "ms",
@@ -66,7 +71,8 @@ def spread(ratios: list[float]) -> str:
     return f"{fmt(q1)}-{fmt(q3)}"
 
 
-def markdown(results: Results, info: dict[str, str], notes: list[str], lines: int) -> str:
+def markdown(results: Results, info: dict[str, str], notes: list[str], lines: int,
+             profile: ProfileSummary | None = None, lineBytes: int = 0) -> str:
     out = ["# shimd vs conmon: benchmark results", ""]
     out.append("Produced by `make bench` (`bench/run.py`); rerun it to refresh this file.")
     out.append("")
@@ -158,6 +164,8 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
         out.append("Targets: " + ", ".join(f"{'met' if ok else 'MISSED'}: {name}" for name, ok in verdicts))
         out.append("")
 
+    out += whySection(results, profile, lines * lineBytes)
+
     out.append("## Every counted run")
     out.append("")
     for workload, variants in results.items():
@@ -199,13 +207,116 @@ def markdown(results: Results, info: dict[str, str], notes: list[str], lines: in
   headline figure): "runc kill -> the container's init exits" is runc kill's start-up and the
   kernel's work, the same for both shims; "init exits -> status" is the shim's own part (for
   shimd almost all of it is its `runc delete`, most of which is runc's own start-up).
-- Shim CPU during workload 1: utime+stime sampled every 0.1 s, so up to 0.1 s of work is missed.
+- Shim CPU during workload 1: utime+stime sampled every 0.1 s, so up to 0.1 s of work is missed;
+  user and system time are also shown apart.
+- Why: after the counted rounds, one more workload-1 run on shimd with the shim under cProfile
+  (`python -m cProfile`, the wall clock; the profile is written under `bench/output/`, not kept in
+  git). runc alone is `runc --version`, spawned as the shims spawn runc, in the split lifecycle
+  rounds.
 - Idle: both shims beside a `sleep` container in the same window, after 2 s of settling; CPU is
   utime+stime from /proc/<pid>/stat, memory Rss/Pss from /proc/<pid>/smaps_rollup.
 - Attach: the wire protocol (FIFOs under the workdir, `"<in> <out> <err>"`, 4-byte reply),
   sessions attached before `runc start`; the bench process reads every session's FIFOs.
 """)
     return "\n".join(out)
+
+
+def whySection(results: Results, profile: ProfileSummary | None, volume: int) -> list[str]:
+    """
+    Why each figure is what it is: for the throughput, the profile of one
+    more run; for the exit report latency, its parts from the split rounds
+    and runc's own start-up.
+    """
+    parts: list[str] = []
+    if profile is not None:
+        parts += _throughputWhy(profile, results, volume)
+    parts += _exitWhy(results)
+    return ["## Why: where the time goes", ""] + parts if parts else []
+
+
+def _throughputWhy(p: ProfileSummary, results: Results, volume: int) -> list[str]:
+    """One uncounted workload-1 run with the shim under cProfile, and how the shim's time divides."""
+    tp = results.get("throughput", {})
+    ratios = pairRatios(tp.get("shimd", {}).get("seconds"), tp.get("conmon", {}).get("seconds"))
+    ratio = med(ratios)
+    out = ["### Log throughput: where shimd's time goes in workload 1", ""]
+    verdict = ""
+    if ratio is not None:
+        verdict = (f" The throughput target (ratio <= 1.0) is {'met' if ratio <= 1.0 else '**missed**'} in "
+                   f"this run: {fmt(ratio)}, middle half of the rounds {spread(ratios) or 'n/a'}.")
+    out.append("One more workload-1 run, not counted, with the shim under cProfile (its clock is the wall "
+               "clock, so a function's own time holds the time the shim was off a CPU in it; "
+               "`bench/run.py --profile` prints the whole profile). It took "
+               f"{fmt(p.seconds)} s from `runc start` to the exit report ({p.records:,.0f} records); the "
+               f"profile covers the shim's whole life, {fmt(p.total)} s.{verdict}")
+    out.append("")
+    work = p.total - p.wait
+    out.append(f"- In the reactor's loop: {fmt(p.loop)} s, of which {fmt(p.wait)} s "
+               f"({p.wait / p.loop:.0%}) waiting in `epoll.poll` with nothing to do."
+               if p.loop else f"- Waiting in `epoll.poll` with nothing to do: {fmt(p.wait)} s.")
+    out.append(f"- Importing modules: {fmt(p.imports)} s (nearly all at start-up: Twisted loads while runc "
+               "creates the container, and after).")
+    if work > 0:
+        out.append(f"- The shim's work, {fmt(work)} s of own time in {p.calls:,} calls (the wait excluded):")
+        for group, own in p.groups.items():
+            out.append(f"  - {group}: {fmt(own)} s ({own / work:.0%})")
+        rest = work - sum(p.groups.values())
+        out.append(f"  - the rest (imports, the standard library, start-up and exit): {fmt(rest)} s "
+                   f"({rest / work:.0%})")
+    if p.reads and volume:
+        out.append(f"- {p.reads:,} `os.read` calls (nearly all on the container's pipes), "
+                   f"{volume / p.reads / 1024:.0f} KiB of output per call on average.")
+    out.append("")
+    out.append("| function (own time, the wait excluded) | kind | calls | own s | share of the work |")
+    out.append("|---|---|---:|---:|---:|")
+    for row in p.top:
+        name = row.where.replace("|", "\\|")
+        share = f"{row.own / work:.0%}" if work > 0 else ""
+        out.append(f"| `{name}` | {row.kind} | {row.calls:,} | {fmt(row.own)} | {share} |")
+    out.append("")
+    return out
+
+
+def _exitWhy(results: Results) -> list[str]:
+    """The exit report latency in parts: the kill, the shim's part, runc's floor."""
+    lc = results.get("lifecycle", {})
+    a, b = lc.get("shimd", {}), lc.get("conmon", {})
+    runc = med(lc.get("runc alone", {}).get("runc --version ms"))
+    exitA, exitB = med(a.get("exit ms")), med(b.get("exit ms"))
+    if exitA is None or exitB is None:
+        return []
+    ratios = pairRatios(a.get("exit ms"), b.get("exit ms"))
+    ratio = med(ratios)
+    out = ["### Exit report latency: its parts", ""]
+    if ratio is not None:
+        out.append(f"`runc kill` -> status: shimd {fmt(exitA)} ms, conmon {fmt(exitB)} ms, ratio {fmt(ratio)} "
+                   f"(middle half {spread(ratios) or 'n/a'}); the target (ratio <= 2) is "
+                   f"{'met' if ratio <= 2.0 else '**missed**'} in this run.")
+        out.append("")
+    killA, killB = med(a.get("kill->init ms")), med(b.get("kill->init ms"))
+    tailA, tailB = med(a.get("init->report ms")), med(b.get("init->report ms"))
+    if killA is not None and killB is not None and tailA is not None and tailB is not None:
+        out.append(f"- `runc kill` -> the container's init exits: shimd {fmt(killA)} ms, conmon {fmt(killB)} ms: "
+                   "runc kill's start-up and the kernel's work, the same work for both shims.")
+        out.append(f"- The init exits -> status: shimd {fmt(tailA)} ms, conmon {fmt(tailB)} ms. shimd reports "
+                   "after its own `runc delete --force` (isulad-shim's order: the container is gone from "
+                   "runc when the engine sees the status); conmon reports at the reap and leaves the "
+                   "delete to the engine.")
+    deletes = [x - y for x, y in zip(b.get("exit+delete ms", []), b.get("exit ms", []))]
+    delete = med(deletes)
+    if delete is not None:
+        floor = (f", of which runc's own start-up (`runc --version`, in the split rounds) {fmt(runc)} ms"
+                 if runc else "")
+        out.append(f"- The engine's `runc delete --force` after conmon's report (spawned as the shims spawn "
+                   f"runc): {fmt(delete)} ms{floor}. shimd's report waits for the same delete, so its ratio is "
+                   f"near (conmon's {fmt(exitB)} ms + the delete's {fmt(delete)} ms) / {fmt(exitB)} ms = "
+                   f"{fmt((exitB + delete) / exitB)}.")
+    both = pairRatios(a.get("exit+delete ms"), b.get("exit+delete ms"))
+    if both:
+        out.append(f"- With the engine's `runc delete --force` counted for conmon (\"runc kill -> status and "
+                   f"container deleted\"), the same end state for both: ratio {fmt(med(both))}.")
+    out.append("")
+    return out
 
 
 def plot(results: Results, path: str, info: dict[str, str]) -> None:

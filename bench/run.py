@@ -28,6 +28,10 @@ reported with the ratio shimd/conmon:
     workload 1 with 1 and 16 sessions reading every byte.
  6. idle CPU: utime+stime of the shim over 30 s beside an idle container
     (both shims in the same window).
+
+Then one more workload-1 run on shimd, not counted, with the shim under
+cProfile: the results say where its time goes (`profiling.py`), as well as
+whether each target is met.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from profiling import ProfileSummary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -50,8 +57,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from attachclient import AttachUnavailable, Session  # noqa: E402
 from shims import (  # noqa: E402
-    CONMON, RUNC, BenchError, ConmonRunner, Run, Runner, ShimdRunner, cpuSeconds,
-    killStrays, now, rollupKB, statusKB,
+    CONMON, RUNC, BenchError, ConmonRunner, Run, Runner, ShimdRunner, cpuSeconds, cpuTimes,
+    killStrays, now, rollupKB, spawnRunc, statusKB,
 )
 
 LINE = "0123456789" * 10
@@ -118,15 +125,15 @@ def throughput(runner: Runner, lines: int, sessions: int = 0, alone: bool = Fals
                     readers[fd] = (lambda fd, s=s: s.readable(fd, buf))
         pid = run.shimPid
         hwm = [0]
-        cpu = [0.0]
+        cpu = [0.0, 0.0]  # user, system
 
         def sample() -> None:
             v = statusKB(pid, "VmHWM")
             if v:
                 hwm[0] = max(hwm[0], v)
-            c = cpuSeconds(pid)
+            c = cpuTimes(pid)
             if c is not None:
-                cpu[0] = c
+                cpu[:] = c
 
         # When the container's init exits: splits the time into the
         # workload's own run and the shim's tail (drain, delete, report).
@@ -164,7 +171,9 @@ def throughput(runner: Runner, lines: int, sessions: int = 0, alone: bool = Fals
             "MB/s": lines * LINE_BYTES / elapsed / 1e6,
             "lines/s": lines / elapsed,
             "peak RSS MB": hwm[0] / 1024,
-            "CPU s": cpu[0],
+            "CPU s": sum(cpu),
+            "CPU user s": cpu[0],
+            "CPU system s": cpu[1],
             **({"exit s": exited[0] - t0, "tail ms": (t1 - exited[0]) * 1000} if exited else {}),
             "records": records,
         }
@@ -209,6 +218,18 @@ def lifecycle(runner: Runner, split: bool = False) -> dict[str, float]:
                 "exit+delete ms": (t3 - t2 + deleting) * 1000}
     finally:
         runner.finish(run)
+
+
+def runcAlone() -> dict[str, float]:
+    """
+    runc's own start-up and exit, with nothing to do: C{runc --version},
+    spawned as the shims spawn runc.  The floor under every runc command a
+    shim waits for (its C{runc delete} after the exit among them).
+    """
+    seconds, status = spawnRunc("--version")
+    if status != 0:
+        raise BenchError(f"runc --version failed ({status:#x})")
+    return {"runc --version ms": seconds * 1000}
 
 
 def idle(runners: list[Runner], window: float, settle: float = 2.0) -> dict[str, dict[str, float]]:
@@ -444,12 +465,14 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("attach: n/a (attach not available: nothing listens on attach.sock)")
         log(f"attach available: {hasAttach}")
 
+    profile: ProfileSummary | None = None
     try:
         if "lifecycle" in only:
             rounds(lcRuns, 1, [("shimd", lambda: lifecycle(shimd)), ("conmon", lambda: lifecycle(conmon))],
                    results, "lifecycle")
             rounds(splitRuns, 0, [("shimd", lambda: lifecycle(shimd, split=True)),
-                                  ("conmon", lambda: lifecycle(conmon, split=True))], results, "lifecycle")
+                                  ("conmon", lambda: lifecycle(conmon, split=True)),
+                                  ("runc alone", runcAlone)], results, "lifecycle")
         if "throughput" in only:
             variants: list[tuple[str, Callable[[], Any]]] = [
                 ("shimd", lambda: throughput(shimd, lines)),
@@ -471,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
                 return idle(order, window if i[0] > 1 else min(window, 3.0))
 
             rounds(runs, 1, [("both", both)], results, "idle")
+        if "throughput" in only:
+            from profiling import profiledRun, summarize
+
+            path, figures = profiledRun(STATE_ROOT, bundle, lines, os.path.join(HERE, "output"))
+            profile = summarize(path, figures["seconds"], figures["records"])
+            log(f"profiled run: {figures['seconds']:.2f} s, {path}")
     finally:
         killStrays(STATE_ROOT)
 
@@ -481,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"idle window {window:g} s, {attaches} attaches per run")
     from report import markdown, plot
 
-    text = markdown(results, info, notes, lines)
+    text = markdown(results, info, notes, lines, profile, LINE_BYTES)
     print(text)
     if not opts.no_write:
         os.makedirs(opts.output, exist_ok=True)

@@ -132,15 +132,21 @@ def waitUntil(
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpuSeconds(pid: int) -> float | None:
-    """utime + stime of C{pid} (not its children)."""
+def cpuTimes(pid: int) -> tuple[float, float] | None:
+    """utime and stime of C{pid} (not its children), in seconds."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
+
+
+def cpuSeconds(pid: int) -> float | None:
+    """utime + stime of C{pid} (not its children)."""
+    times = cpuTimes(pid)
+    return None if times is None else sum(times)
 
 
 def statusKB(pid: int, key: str) -> int | None:
@@ -206,6 +212,18 @@ class Run:
         return p
 
 
+def spawnRunc(*args: str) -> tuple[float, int]:
+    """
+    Run runc as the shims run it (posix_spawn, stdio on /dev/null) and wait.
+
+    @return: the seconds from the spawn to the reap, and the wait status.
+    """
+    t = now()
+    pid = os.posix_spawn(RUNC, [RUNC, *args], dict(os.environ), file_actions=_NULL_STDIO)
+    _, status = os.waitpid(pid, 0)
+    return now() - t, status
+
+
 class Runner:
     """What a workload needs of a shim."""
 
@@ -236,13 +254,10 @@ class Runner:
         container is gone from runc, in seconds.  Here (conmon): the
         engine's own C{runc delete --force}, spawned as a shim spawns it.
         """
-        t = now()
-        pid = os.posix_spawn(RUNC, [RUNC, "--root", run.runcRoot, "delete", "--force", run.id],
-                             dict(os.environ), file_actions=_NULL_STDIO)
-        _, status = os.waitpid(pid, 0)
+        seconds, status = spawnRunc("--root", run.runcRoot, "delete", "--force", run.id)
         if status != 0:
             raise BenchError(f"{self.name}: runc delete after the exit report failed ({status:#x})")
-        return now() - t
+        return seconds
 
     # -- shared steps --------------------------------------------------------
 
