@@ -28,17 +28,20 @@ from shims import ShimdRunner
 from shimd.engine import shimCommand
 
 _WAIT = "<method 'poll' of 'select.epoll' objects>"
+_READ = "<built-in method posix.read>"
+_WRITE = "<built-in method posix.write>"
 _LOOP = "mainLoop"
 _IMPORT = "_find_and_load"
 
 GROUPS: list[tuple[str, Callable[[str, str], bool]]] = [
-    ("reading the container's pipes (`os.read`)", lambda f, n: n == "<built-in method posix.read>"),
-    ("writing the log and the FIFOs (`os.write`)", lambda f, n: n == "<built-in method posix.write>"),
-    ("escaping and building records (methods of bytes)", lambda f, n: f == "~" and "of 'bytes' objects" in n),
-    ("shimd's Python", lambda f, n: _kind(f) == "shimd"),
-    ("Twisted's Python", lambda f, n: _kind(f) == "Twisted"),
+    ("reading the container's pipes (`os.read`)", lambda kind, name: name == _READ),
+    ("writing the log and the FIFOs (`os.write`)", lambda kind, name: name == _WRITE),
+    ("escaping and building records (methods of bytes)",
+     lambda kind, name: kind == "C built-in" and "of 'bytes' objects" in name),
+    ("shimd's Python", lambda kind, name: kind == "shimd"),
+    ("Twisted's Python", lambda kind, name: kind == "Twisted"),
 ]
-"""Named parts of the shim's own time, by function (file, name)."""
+"""Named parts of the shim's own time, by a function's kind (L{_kind}) and name."""
 
 
 @dataclass
@@ -66,7 +69,6 @@ class ProfileSummary:
     @ivar top: the functions with the most own time, the wait excluded.
     """
 
-    path: str
     seconds: float
     records: float
     total: float = 0.0
@@ -106,8 +108,7 @@ def summarize(path: str, seconds: float, records: float, top: int = 12) -> Profi
     """Read a profile written by L{profiledRun}."""
     stats = pstats.Stats(path)
     entries = stats.stats  # type: ignore[attr-defined]
-    summary = ProfileSummary(path=path, seconds=seconds, records=records,
-                             groups={name: 0.0 for name, _ in GROUPS})
+    summary = ProfileSummary(seconds=seconds, records=records, groups={name: 0.0 for name, _ in GROUPS})
     rows: list[ProfileRow] = []
     for (filename, line, name), (_, calls, own, cumulative, _) in entries.items():
         summary.total += own
@@ -115,17 +116,18 @@ def summarize(path: str, seconds: float, records: float, top: int = 12) -> Profi
         if name == _WAIT:
             summary.wait += own
             continue
-        if name == _LOOP and f"{os.sep}twisted{os.sep}" in filename:
+        kind = _kind(filename)
+        if name == _LOOP and kind == "Twisted":
             summary.loop = max(summary.loop, cumulative)
         if name == _IMPORT and filename.startswith("<frozen importlib"):
             summary.imports = max(summary.imports, cumulative)
-        if name == "<built-in method posix.read>":
+        if name == _READ:
             summary.reads = calls
         for group, matches in GROUPS:
-            if matches(filename, name):
+            if matches(kind, name):
                 summary.groups[group] += own
                 break
-        rows.append(ProfileRow(_where(filename, line, name), _kind(filename), calls, own))
+        rows.append(ProfileRow(_where(filename, line, name), kind, calls, own))
     rows.sort(key=lambda r: r.own, reverse=True)
     summary.top = rows[:top]
     return summary

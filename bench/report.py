@@ -234,16 +234,32 @@ def whySection(results: Results, profile: ProfileSummary | None, volume: int) ->
     return ["## Why: where the time goes", ""] + parts if parts else []
 
 
+def _verdict(results: Results, workload: str, figure: str) -> str:
+    """
+    "the target (...) is met/missed in this run", judged by the figure's
+    row in L{ROWS}; empty if the figure has no target or no ratio.
+    """
+    for _, w, f, _, target, check in ROWS:
+        if (w, f) == (workload, figure) and check is not None:
+            byShim = results.get(workload, {})
+            a, b = byShim.get("shimd", {}).get(figure), byShim.get("conmon", {}).get(figure)
+            ratio, va = med(pairRatios(a, b)), med(a)
+            if ratio is None or va is None:
+                return ""
+            return f"the target ({target}) is {'met' if check(ratio, va) else '**missed**'} in this run"
+    return ""
+
+
 def _throughputWhy(p: ProfileSummary, results: Results, volume: int) -> list[str]:
     """One uncounted workload-1 run with the shim under cProfile, and how the shim's time divides."""
     tp = results.get("throughput", {})
     ratios = pairRatios(tp.get("shimd", {}).get("seconds"), tp.get("conmon", {}).get("seconds"))
     ratio = med(ratios)
     out = ["### Log throughput: where shimd's time goes in workload 1", ""]
-    verdict = ""
-    if ratio is not None:
-        verdict = (f" The throughput target (ratio <= 1.0) is {'met' if ratio <= 1.0 else '**missed**'} in "
-                   f"this run: {fmt(ratio)}, middle half of the rounds {spread(ratios) or 'n/a'}.")
+    verdict = _verdict(results, "throughput", "seconds")
+    if verdict:
+        verdict = (f" For throughput, {verdict}: {fmt(ratio)}, middle half of the rounds "
+                   f"{spread(ratios) or 'n/a'}.")
     out.append("One more workload-1 run, not counted, with the shim under cProfile (its clock is the wall "
                "clock, so a function's own time holds the time the shim was off a CPU in it; "
                "`bench/run.py --profile` prints the whole profile). It took "
@@ -290,8 +306,7 @@ def _exitWhy(results: Results) -> list[str]:
     out = ["### Exit report latency: its parts", ""]
     if ratio is not None:
         out.append(f"`runc kill` -> status: shimd {fmt(exitA)} ms, conmon {fmt(exitB)} ms, ratio {fmt(ratio)} "
-                   f"(middle half {spread(ratios) or 'n/a'}); the target (ratio <= 2) is "
-                   f"{'met' if ratio <= 2.0 else '**missed**'} in this run.")
+                   f"(middle half {spread(ratios) or 'n/a'}); {_verdict(results, 'lifecycle', 'exit ms')}.")
         out.append("")
     killA, killB = med(a.get("kill->init ms")), med(b.get("kill->init ms"))
     tailA, tailB = med(a.get("init->report ms")), med(b.get("init->report ms"))
