@@ -141,6 +141,7 @@ def throughput(runner: Runner, lines: int, sessions: int = 0, alone: bool = Fals
         containerPid = run.extra.get("containerPid")
         if containerPid:
             readers.update(watchExit(containerPid, exited))
+        wall0 = time.time_ns()  # the log's time stamps are wall-clock time
         t0 = now()
         runner.start(run)
         sample()
@@ -160,6 +161,7 @@ def throughput(runner: Runner, lines: int, sessions: int = 0, alone: bool = Fals
         if run.status != 0:
             raise BenchError(f"{runner.name}: the container's status was {run.status}")
         records, complete = runner.countLines(run)
+        span = None if alone else runner.logSpan(run)
         if complete != (0 if alone else lines):
             raise BenchError(f"{runner.name}: the log holds {complete} of {lines} lines ({records} records)")
         for i, s in enumerate(attached):
@@ -176,6 +178,8 @@ def throughput(runner: Runner, lines: int, sessions: int = 0, alone: bool = Fals
             "CPU system s": cpu[1],
             **({"exit s": exited[0] - t0, "tail ms": (t1 - exited[0]) * 1000} if exited else {}),
             "records": records,
+            **({"first record ms": (span[0] - wall0) / 1e6, "record span s": (span[1] - span[0]) / 1e9}
+               if span else {}),
         }
     finally:
         for s in attached:

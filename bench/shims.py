@@ -18,6 +18,7 @@ as its root, on the same filesystem, with runc as the runtime.
 
 from __future__ import annotations
 
+import calendar
 import ctypes
 import errno
 import os
@@ -125,6 +126,21 @@ def waitUntil(
         if tick and now() >= nextTick:
             tick()
             nextTick = now() + tickEvery
+
+
+def rfc3339Ns(text: bytes) -> int:
+    """C{2026-12-04T11:32:00.123456789Z} (or C{+HH:MM}) as ns since the epoch."""
+    stamp = text.decode("ascii")
+    offset = 0
+    if stamp.endswith("Z"):
+        stamp = stamp[:-1]
+    else:
+        sign = 1 if stamp[-6] == "+" else -1
+        offset = sign * (int(stamp[-5:-3]) * 3600 + int(stamp[-2:]) * 60)
+        stamp = stamp[:-6]
+    whole, _, frac = stamp.partition(".")
+    seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) - offset
+    return seconds * 1_000_000_000 + int(frac.ljust(9, "0")[:9] or 0)
 
 
 # -- /proc ---------------------------------------------------------------
@@ -244,6 +260,24 @@ class Runner:
     def countLines(self, run: Run) -> tuple[int, int]:
         """(records in the log, complete stdout lines the log holds)."""
         raise NotImplementedError
+
+    def recordTime(self, record: bytes) -> int:
+        """The time stamp of one log record, in ns since the epoch."""
+        raise NotImplementedError
+
+    def logSpan(self, run: Run) -> tuple[int, int] | None:
+        """
+        The time stamps of the log's first and last records (both shims
+        stamp a record when they read it), or L{None} for an empty log.
+        """
+        with open(run.logPath, "rb") as f:
+            first = f.readline()
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 65536))
+            tail = f.read().rstrip(b"\n")
+        if not first.endswith(b"\n"):
+            return None
+        return self.recordTime(first), self.recordTime(tail[tail.rfind(b"\n") + 1 :])
 
     def finish(self, run: Run) -> None:
         raise NotImplementedError
@@ -374,6 +408,11 @@ class ShimdRunner(Runner):
             data = f.read()
         return data.count(b"\n"), data.count(b'\\n","stream":"stdout"')
 
+    def recordTime(self, record: bytes) -> int:
+        # {"log":"...","stream":"stdout","time":"2026-12-04T11:32:00.123456789Z"}
+        start = record.rindex(b'"time":"') + 8
+        return rfc3339Ns(record[start : record.index(b'"', start)])
+
     def deleteAfterExit(self, run: Run) -> float:
         """Nothing: shimd deleted the container before it reported (checked here)."""
         if os.path.exists(os.path.join(run.runcRoot, run.id)):
@@ -451,6 +490,10 @@ class ConmonRunner(Runner):
         with open(run.logPath, "rb") as f:
             data = f.read()
         return data.count(b"\n"), data.count(b" stdout F ")
+
+    def recordTime(self, record: bytes) -> int:
+        # 2026-12-04T11:32:00.123456789+00:00 stdout F ...
+        return rfc3339Ns(record.split(b" ", 1)[0])
 
     def finish(self, run: Run) -> None:
         self.stopIfRunning(run)
