@@ -161,9 +161,10 @@ def throughput(runner: Runner, lines: int, sessions: int = 0, alone: bool = Fals
         if run.status != 0:
             raise BenchError(f"{runner.name}: the container's status was {run.status}")
         records, complete = runner.countLines(run)
-        span = None if alone else runner.logSpan(run)
         if complete != (0 if alone else lines):
             raise BenchError(f"{runner.name}: the log holds {complete} of {lines} lines ({records} records)")
+        # Only from a log that passed the check: a cut record has no stamp to parse.
+        span = None if alone else runner.logSpan(run)
         for i, s in enumerate(attached):
             if s.outBytes != lines * LINE_BYTES:
                 raise BenchError(f"attach session {i} got {s.outBytes} of {lines * LINE_BYTES} bytes")
