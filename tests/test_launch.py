@@ -256,6 +256,73 @@ class NoTwistedTests(SynchronousTestCase):
         self.assertEqual(out.split(), [b"False", b"5"])
 
 
+class KeepLeanTests(SynchronousTestCase):
+    """
+    L{shimd.lean.keepLean} in a fresh interpreter, with the imports
+    C{isulad-shim} makes: what a shim never uses stays out, and what it
+    defers still works when something asks for it.
+    """
+
+    _SHIM_IMPORTS = (
+        "import sys\n"
+        "from shimd.lean import LAZY, _LazyModule, keepLean, importDeferWithoutAsyncio\n"
+        "keepLean(); importDeferWithoutAsyncio()\n"
+        "import shimd.service, shimd.shimlog\n"
+        "from twisted.internet import reactor\n"
+        "def loaded(name):\n"
+        "    return name in sys.modules and type(sys.modules[name]) is not _LazyModule\n"
+    )
+
+    def shim(self, code: str) -> list[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != "SHIMD_ALLOW_TLS"}
+        out = subprocess.run([sys.executable, "-c", self._SHIM_IMPORTS + code],
+                             capture_output=True, env=env)
+        self.assertEqual(out.returncode, 0, out.stderr.decode())
+        return out.stdout.split()
+
+    def test_lazyModulesStayOut(self) -> None:
+        """After the shim's imports, the cookie jar and the reactor's TCP, UDP
+        and unix ports are not loaded; their names are there, in
+        C{sys.modules} and on their packages."""
+        out = self.shim(
+            "import http, twisted.internet\n"
+            "for name in ('http.cookiejar', 'twisted.internet.tcp', 'twisted.internet.udp', 'twisted.internet.unix'):\n"
+            "    package, _, child = name.rpartition('.')\n"
+            "    print(name in LAZY, loaded(name), getattr(sys.modules[package], child) is sys.modules[name])\n"
+        )
+        self.assertEqual(out, [b"True", b"False", b"True"] * 4)
+
+    def test_tlsRefused(self) -> None:
+        """C{ssl} and pyOpenSSL cannot be imported in a shim."""
+        out = self.shim(
+            "for name in ('ssl', 'OpenSSL.SSL'):\n"
+            "    try:\n"
+            "        __import__(name)\n"
+            "    except ImportError:\n"
+            "        print('refused')\n"
+        )
+        self.assertEqual(out, [b"refused", b"refused"])
+
+    def test_lazyModulesLoadOnUse(self) -> None:
+        """The reactor's TCP, UDP and unix ports, C{inspect} and the cookie
+        jar work when used, and are then the real modules."""
+        out = self.shim(
+            "import os, shutil, tempfile, http.cookiejar, inspect, twisted.internet.tcp\n"
+            "from twisted.internet.protocol import DatagramProtocol, Factory\n"
+            "tcp = reactor.listenTCP(0, Factory(), interface='127.0.0.1')\n"
+            "udp = reactor.listenUDP(0, DatagramProtocol(), interface='127.0.0.1')\n"
+            "path = os.path.join(tempfile.mkdtemp(), 's')\n"
+            "unix = reactor.listenUNIX(path, Factory())\n"
+            "print(tcp.getHost().port > 0, udp.getHost().port > 0, unix.getHost().name == path.encode())\n"
+            "for p in (tcp, udp, unix): p.stopListening()\n"
+            "shutil.rmtree(os.path.dirname(path))\n"
+            "print(list(inspect.signature(lambda a, b: 0).parameters), len(http.cookiejar.CookieJar()))\n"
+            "print(twisted.internet.tcp.Port is type(tcp))\n"
+            "print(sum(1 for n in LAZY if loaded(n)))\n"
+        )
+        self.assertEqual(out, [b"True", b"True", b"True", b"['a',", b"'b']", b"0", b"True", b"5"])
+
+
 class TuneMallocTests(SynchronousTestCase):
     """
     L{shimd.lean.tuneMalloc}: buffers freed at the top of the heap stay
