@@ -52,12 +52,18 @@ else:
 REFUSED = ("OpenSSL", "cryptography", "service_identity", "ssl", "_ssl")
 """Top-level modules a shim never loads."""
 
-LAZY = ("http.cookiejar", "inspect", "twisted.internet.tcp", "twisted.internet.udp", "twisted.internet.unix")
+LAZY = (
+    "http.cookiejar", "inspect",
+    "twisted.internet.tcp", "twisted.internet.udp", "twisted.internet.unix",
+    "ipaddress", "random", "unicodedata", "shutil", "tokenize", "textwrap",
+    "copy", "fnmatch", "pty", "bz2", "lzma",
+)
 """Modules loaded only when an attribute is first used.
 
  - C{inspect} (8 ms, with C{ast}, C{dis}, C{tokenize}) is imported by
    C{dataclasses}, which needs it only for a class without a docstring: so
-   it loads with Twisted, after runc was started, not before.
+   it loads with Twisted (attrs asks it about converters), after runc was
+   started, not before.
  - C{twisted.internet.tcp}, C{udp} and C{unix} (with C{_newtls}) are
    imported by the reactor's module, which uses them only in C{listenTCP},
    C{connectUNIX} and the like.  A shim opens no TCP or UDP port, and its
@@ -66,7 +72,17 @@ LAZY = ("http.cookiejar", "inspect", "twisted.internet.tcp", "twisted.internet.u
    the reactor's import about 6 ms shorter; in workload 1 the shim's first
    read 11-15 ms sooner after C{runc start} (the medians of two runs of 12
    alternating rounds), the time to the exit report the same within the
-   noise."""
+   noise.
+ - The rest come from the standard library, imported at load time by
+   modules that use them only in calls a running shim does not make:
+   C{ipaddress} (by C{urllib.parse}), C{random} (C{twisted.internet.protocol}),
+   C{unicodedata} (attrs), C{copy} (C{dataclasses}), C{fnmatch}
+   (C{pathlib}), C{shutil}, C{bz2} and C{lzma} (C{zipfile}, for Twisted's
+   plugin paths), C{tokenize} (C{linecache}, to read source for a
+   traceback), C{textwrap} (C{traceback}) and C{pty}
+   (C{twisted.internet.process}).  Together about 1.2 MB of RSS per shim.
+   C{bz2} and C{lzma} are optional C modules: should one be missing,
+   C{zipfile} finds that out when it compresses, which a shim never does."""
 
 
 class _Lean:
