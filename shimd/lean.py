@@ -70,9 +70,9 @@ LAZY = (
    unix sockets are its own (L{shimd.listener}, L{shimd.sockets}).
    Measured: 0.45 MB less RSS beside an idle container (23.7 -> 23.3 MB);
    the reactor's import about 6 ms shorter; in workload 1 the shim's first
-   read 11-15 ms sooner after C{runc start} (the medians of two runs of 12
-   alternating rounds), the time to the exit report the same within the
-   noise.
+   read 3-15 ms sooner after C{runc start} (three runs of 12 alternating
+   rounds, with the modules below as well), the time to the exit report
+   the same within the noise.
  - The rest come from the standard library, imported at load time by
    modules that use them only in calls a running shim does not make:
    C{ipaddress} (by C{urllib.parse}), C{random} (C{twisted.internet.protocol}),
