@@ -20,171 +20,25 @@ Differences from iSulad (see the spec, section 5.5):
    truncated; records are never split across files.
  - Write errors are logged and never raised.
 
-The hot path builds all records of a chunk with one C{bytes.replace} and
-writes them with one C{os.write}.  Regular files are always "ready" for
+The records are built by L{shimd.records}, all those of a chunk at once, and
+written with one C{os.write}.  Regular files are always "ready" for
 epoll, so plain blocking writes are used.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import re
 import time
 from typing import Callable, Union
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from shimd.launch import LOG_MODE as _MODE, LOG_OPEN_FLAGS as _OPEN_FLAGS  # noqa: E402
-_MIN_MAX_SIZE = 4096
+from shimd.launch import LOG_MODE as _MODE, LOG_OPEN_FLAGS as _OPEN_FLAGS
+from shimd.records import PARTIAL_MAX, escape, fileLimit, formatTime, lineRecords, partialRecords, streamMid, utf8Cut
 
-_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\') + b"\n"
-"""Bytes written as they are: printable ASCII but C{"} and C{\\}, and C{\\n}."""
-
-_controlSearch = re.compile(rb"[\x00-\x09\x0b-\x1f]").search
-
-_ESCAPE_SINGLES = tuple(bytes([c]) for c in b'"\\\x7f' + bytes(range(0x20)))
-_ESCAPE_SINGLES = tuple(b for b in _ESCAPE_SINGLES if b != b"\n")
-_CONTROL_SINGLES = tuple(b for b in _ESCAPE_SINGLES if b[0] < 0x20)
-
-_SHORT = 2048
-"""Below this many bytes a regular expression search is the quickest scan;
-above it, C{isascii} plus one C{memchr} per byte value is several times
-quicker than C{re} (which tests each byte in Python's regex engine)."""
-
-_CONTROL_ESCAPES: dict[int, bytes] = {
-    c: b"\\u%04x" % (c,) for c in range(0x20) if c != 0x0A
-}
-_CONTROL_ESCAPES.update(
-    {0x08: b"\\b", 0x09: b"\\t", 0x0C: b"\\f", 0x0D: b"\\r"}
-)
-
-
-def _needsEscape(raw: bytes) -> bool:
-    """
-    Whether C{raw} holds a byte other than printable ASCII and C{\\n}, that
-    is, whether it needs the slow path of L{_escape}.
-    """
-    # One pass in C that deletes the plain bytes: 1.4-5x quicker than a
-    # regular expression or one memchr per byte value, at every size.
-    return bool(raw.translate(None, _PLAIN))
-
-
-def _hasControl(raw: bytes) -> bool:
-    """
-    Whether C{raw} holds a control byte other than C{\\n}.
-    """
-    if len(raw) < _SHORT:
-        return _controlSearch(raw) is not None
-    for b in _CONTROL_SINGLES:
-        if b in raw:
-            return True
-    return False
-
-
-def _escape(raw: bytes) -> bytes:
-    """
-    Escape C{raw} for the inside of a JSON string, leaving C{\\n} raw.
-
-    Raw C{\\n} bytes are kept so that the caller can turn them into record
-    separators (after which each becomes the escape C{\\\\n}).  Invalid UTF-8
-    becomes U+FFFD; valid multi-byte UTF-8 is kept as raw UTF-8; C{0x7f} and
-    C{/} are kept raw.
-
-    @return: valid UTF-8 with every C{"}, C{\\} and control byte other than
-        C{\\n} escaped.
-    """
-    if not _needsEscape(raw):
-        return raw
-    if not raw.isascii():
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raw = raw.decode("utf-8", "replace").encode("utf-8")
-    if b"\\" in raw:
-        raw = raw.replace(b"\\", b"\\\\")
-    if b'"' in raw:
-        raw = raw.replace(b'"', b'\\"')
-    if _hasControl(raw):
-        for c in _CONTROL_SINGLES:
-            if c in raw:
-                raw = raw.replace(c, _CONTROL_ESCAPES[c[0]])
-    return raw
-
-
-def _safeCut(escaped: bytes, pos: int) -> int:
-    """
-    Move a cut position back so that C{escaped[:pos]} ends neither inside a
-    UTF-8 sequence nor inside a JSON escape.
-
-    @param escaped: output of L{_escape}, without raw C{\\n}.
-    @param pos: wanted cut, C{0 < pos < len(escaped)}.
-    @return: the cut to use; C{0} only if no smaller cut exists.
-    """
-    # Inside a UTF-8 sequence: the next byte is a continuation byte.
-    while pos > 0 and 0x80 <= escaped[pos] < 0xC0:
-        pos -= 1
-    # Inside an escape: the nearest backslash within the last 5 bytes starts
-    # an escape (an even number of backslashes precede it) that ends after
-    # pos.  Escapes are "\X" (2 bytes) or "\u00XX" (6 bytes).
-    for back in range(1, 6):
-        i = pos - back
-        if i < 0:
-            break
-        if escaped[i] == 0x5C:
-            run = 0
-            k = i - 1
-            while k >= 0 and escaped[k] == 0x5C:
-                run += 1
-                k -= 1
-            if run % 2 == 0:
-                length = 6 if escaped[i + 1] == 0x75 else 2
-                if i + length > pos:
-                    pos = i
-            break
-    return pos
-
-
-def _utf8Cut(raw: bytes, pos: int) -> int:
-    """
-    Move a cut position in raw container output back so that it does not
-    split a (valid-looking) UTF-8 sequence.
-
-    @return: the new cut, always C{> 0} if C{pos > 0}.
-    """
-    for back in range(1, 4):
-        i = pos - back
-        if i <= 0:
-            break
-        b = raw[i]
-        if b < 0x80:
-            break
-        if b >= 0xC0:
-            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
-            if back < need:
-                return i
-            break
-    return pos
-
-
-_lastSecond: list[tuple[int, bytes]] = [(-1, b"")]
-
-
-def formatTime(ns: int) -> bytes:
-    """
-    Format nanoseconds since the epoch as UTC RFC 3339 with 9 fractional
-    digits, e.g. C{b"2026-12-03T16:33:05.123456789Z"}.
-    """
-    sec, frac = divmod(ns, 1_000_000_000)
-    cachedSec, prefix = _lastSecond[0]
-    if cachedSec != sec:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode(
-            "ascii"
-        )
-        _lastSecond[0] = (sec, prefix)
-    return b"%s.%09dZ" % (prefix, frac)
+__all__ = ["JsonFileLog", "formatTime"]
 
 
 class _Stream:
@@ -204,9 +58,7 @@ class _Stream:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.mid: bytes = (
-            b'","stream":' + json.dumps(name).encode("utf-8") + b',"time":"'
-        )
+        self.mid: bytes = streamMid(name)
         self.pending: bytes = b""
         self.since = 0.0
         self.timer: IDelayedCall | None = None
@@ -224,8 +76,6 @@ class JsonFileLog:
 
     log = Logger()
 
-    _HEAD = b'{"log":"'
-
     def __init__(
         self,
         path: str,
@@ -233,7 +83,7 @@ class JsonFileLog:
         maxFiles: int = 1,
         clock: IReactorTime | None = None,
         partialDelay: float = 1.0,
-        partialMax: int = 32 * 1024,
+        partialMax: int = PARTIAL_MAX,
         timeNs: Callable[[], int] = time.time_ns,
         fd: int | None = None,
     ) -> None:
@@ -258,7 +108,7 @@ class JsonFileLog:
             clock = reactor  # type: ignore[assignment]
         assert clock is not None
         self.path = path
-        self.maxSize = 0 if maxSize <= 0 else max(maxSize, _MIN_MAX_SIZE)
+        self.maxSize = fileLimit(maxSize)
         self.maxFiles = max(maxFiles, 1)
         self._clock: IReactorTime = clock
         self._partialDelay = partialDelay
@@ -277,12 +127,15 @@ class JsonFileLog:
 
     # -- public API ---------------------------------------------------------
 
-    def write(self, stream: str, data: bytes) -> None:
+    def write(self, stream: str, data: bytes, since: float | None = None) -> None:
         """
         Log a chunk of the container's output.
 
         @param stream: C{"stdout"} or C{"stderr"}.
         @param data: raw bytes as read from the container.
+        @param since: when C{data} was read, if before now (clock seconds):
+            a line without C{\\n} is then held C{partialDelay} from then
+            (output that L{shimd.earlycopy} read and held).
         """
         if self._closed or not data:
             return
@@ -300,14 +153,14 @@ class JsonFileLog:
             body = data[:last]
             rest = data[last + 1 :]
             waiting = False
-            out = self._lineRecords(_escape(body), tailPart)
+            out = lineRecords(escape(body), tailPart, self.maxSize)
         else:
             rest = data
         if len(rest) >= self._partialMax:
             pieces = []
             while len(rest) >= self._partialMax:
-                cut = _utf8Cut(rest, self._partialMax)
-                pieces.append(self._partialRecords(rest[:cut], tailPart))
+                cut = utf8Cut(rest, self._partialMax)
+                pieces.append(partialRecords(rest[:cut], tailPart, self.maxSize))
                 rest = rest[cut:]
             out += b"".join(pieces)
         st.pending = rest
@@ -315,11 +168,12 @@ class JsonFileLog:
             if not waiting:
                 # New bytes began to wait: the delay counts from now.  An
                 # armed timer stays; if it fires early it re-arms itself.
-                st.since = self._clock.seconds()
+                st.since = self._clock.seconds() if since is None else since
             if st.timer is None:
-                st.timer = self._clock.callLater(
-                    self._partialDelay, self._partialTimeout, st
-                )
+                delay = self._partialDelay
+                if since is not None:
+                    delay = max(0.0, st.since + delay - self._clock.seconds())
+                st.timer = self._clock.callLater(delay, self._partialTimeout, st)
         elif st.timer is not None:
             st.timer.cancel()
             st.timer = None
@@ -361,72 +215,14 @@ class JsonFileLog:
                     error=e,
                 )
 
-    # -- record building ----------------------------------------------------
-
-    def _lineRecords(self, body: bytes, tailPart: bytes) -> bytes:
-        """
-        Records for complete lines.
-
-        @param body: output of L{_escape} for the complete lines without the
-            last C{\\n}: raw C{\\n} separate the lines.
-        @param tailPart: the record end after the log text, without the
-            C{\\n} escape.
-        """
-        head = self._HEAD
-        tailNl = b"\\n" + tailPart
-        if self.maxSize:
-            limit = self.maxSize - len(head) - len(tailPart)
-            if len(body) + 2 > limit:
-                lines = body.split(b"\n")
-                if max(map(len, lines)) + 2 > limit:
-                    parts = []
-                    for line in lines:
-                        if len(line) + 2 <= limit:
-                            parts.append(head + line + tailNl)
-                        else:
-                            parts.append(
-                                self._partialRecords(
-                                    line + b"\\n", tailPart, escaped=True
-                                )
-                            )
-                    return b"".join(parts)
-        return b"".join((head, body.replace(b"\n", tailNl + head), tailNl))
-
-    def _partialRecords(
-        self, text: bytes, tailPart: bytes, escaped: bool = False
-    ) -> bytes:
-        """
-        Records, without C{\\n} in the log text, for C{text}: one, or several
-        if one record would exceed C{maxSize}.
-
-        @param text: raw output without C{\\n}, or already escaped text if
-            C{escaped}.
-        """
-        if not escaped:
-            text = _escape(text)
-        head = self._HEAD
-        if self.maxSize:
-            limit = self.maxSize - len(head) - len(tailPart)
-            if len(text) > limit:
-                parts = []
-                start = 0
-                while len(text) - start > limit:
-                    cut = start + limit
-                    cut = _safeCut(text, cut)
-                    if cut <= start:  # cannot happen: limit > 6
-                        cut = start + limit
-                    parts.append(head + text[start:cut] + tailPart)
-                    start = cut
-                parts.append(head + text[start:] + tailPart)
-                return b"".join(parts)
-        return head + text + tailPart
+    # -- partial lines --------------------------------------------------------
 
     def _flushStream(self, st: _Stream, ts: bytes) -> None:
         """
         Write C{st.pending} as records without C{\\n}.
         """
         data, st.pending = st.pending, b""
-        self._emit(self._partialRecords(data, st.mid + ts + b'"}\n'))
+        self._emit(partialRecords(data, st.mid + ts + b'"}\n', self.maxSize))
 
     def _partialTimeout(self, st: _Stream) -> None:
         """

@@ -186,6 +186,25 @@ class LineAssemblyTests(LogTestBase):
         self.assertEqual(self.logs(), ["ab"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_partialDelayFromSince(self) -> None:
+        """
+        Output read earlier by another process (L{shimd.earlycopy}) is held
+        C{partialDelay} from when it was read, not from when it is logged;
+        its complete lines are logged at once.
+        """
+        log = self.makeLog()
+        self.clock.advance(5)
+        log.write("stdout", b"line\nprompt> ", since=4.3)
+        self.assertEqual(self.logs(), ["line\n"])
+        self.clock.advance(0.29)
+        self.assertEqual(self.logs(), ["line\n"])
+        self.clock.advance(0.01)
+        self.assertEqual(self.logs(), ["line\n", "prompt> "])
+        log.write("stdout", b"late", since=1.0)  # long overdue: at the next turn
+        self.clock.advance(0)
+        self.assertEqual(self.logs(), ["line\n", "prompt> ", "late"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_newPartialAfterLine(self) -> None:
         """
         Bytes after a consumed partial start a new delay.
