@@ -62,7 +62,8 @@ def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
     The C{isulad-shim} drop-in: argv as iSulad passes it, cwd = workdir.
 
     runc starts before Twisted is loaded (L{shimd.launch}): the engine
-    waits for the container's pid file, not for our imports.
+    waits for the container's pid file, not for our imports; and the
+    container's output is copied meanwhile (L{shimd.earlycopy}).
     """
     # Before anything imports Twisted: no TLS modules in a shim process.
     from shimd.lean import keepLean
@@ -105,6 +106,7 @@ def isuladShimMain(argv: list[str] | None = None) -> NoReturn:
     failure = None
     try:
         launch = launchShim(config)
+        launch.copyEarly()
     except Exception as e:
         failure = describeFailure(e)
         if failure is None:

@@ -37,6 +37,7 @@ import os
 from dataclasses import dataclass
 
 from shimd.config import ProcessState, loadProcessState
+from shimd.earlycopy import EarlyCopy, startEarlyCopy
 from shimd.runtimecmd import RuntimeCommand, RuntimeFailure, RuntimeProcess
 from shimd.sockets import UnixSocket, listenPrivate, listenUnix, removeStaleSocket
 
@@ -209,6 +210,8 @@ class Launch:
     @ivar attachError: why there is no attach socket though process.json
         names one.
     @ivar runtime: the runtime process (create or exec), running.
+    @ivar early: the copier of the container's output while Twisted loads
+        (L{copyEarly}), running.
     """
 
     state: ProcessState
@@ -225,6 +228,7 @@ class Launch:
     attach: UnixSocket | None = None
     attachError: str | None = None
     runtime: RuntimeProcess | None = None
+    early: EarlyCopy | None = None
 
     _FDS = ("log", "engineOut", "engineErr", "engineIn", "exitFifo", "stdin", "stdout", "stderr", "resize")
 
@@ -235,8 +239,36 @@ class Launch:
         setattr(self, name, None)
         return fd
 
+    def copyEarly(self) -> None:
+        """
+        Copy the container's output to the log and the engine's FIFOs until
+        the service adopts the launch (L{shimd.earlycopy}): for pipes (a
+        terminal comes later, over the console socket), and only where the
+        log, if process.json names one, is open.
+        """
+        state = self.state
+        if state.terminal or self.stdout is None or (state.log_path and self.log is None):
+            return
+        if self.log is None and self.engineOut is None and self.engineErr is None:
+            return
+        try:
+            self.early = startEarlyCopy(
+                self.stdout, self.stderr, self.engineOut, self.engineErr, self.log, state.log_maxsize,
+                self.attach.socket.fileno() if self.attach is not None else None,
+            )
+        except OSError:
+            pass  # no fork: the service copies it all, a little later
+
+    def stopEarlyCopy(self) -> EarlyCopy | None:
+        """Stop the copier, if it runs; its leftovers are then in C{early.leftovers}."""
+        early, self.early = self.early, None
+        if early is not None:
+            early.stop()
+        return early
+
     def close(self) -> None:
         """Close every descriptor and socket not taken."""
+        self.stopEarlyCopy()
         for name in self._FDS:
             fd = self.take(name)
             if fd is not None:

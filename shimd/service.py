@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from shimd.attach import AttachServer, startAttachServer
 from shimd.config import ConfigError, ProcessState
 from shimd.console import ConsoleError, Terminal
+from shimd.earlycopy import EarlyCopy
 from shimd.fdio import ReadPipe, WritePipe
 from shimd.launch import Launch, ShimConfig, ShimError, describeFailure, launchShim, runtimeName, runtimeRoot
 from shimd.logfile import JsonFileLog
@@ -199,6 +200,7 @@ class ShimService(service.MultiService):
         """Wrap the launch's descriptors: the log, the FIFOs, the streams, the sockets."""
         state = launch.state
         clock = self.reactor
+        early = launch.stopEarlyCopy()  # before anything of its descriptors is used
         if state.log_path:
             self.containerLog = JsonFileLog(
                 state.log_path, maxSize=state.log_maxsize, maxFiles=state.log_maxfile, clock=clock,
@@ -223,7 +225,27 @@ class ShimService(service.MultiService):
             if engineIn is not None:
                 self._engineStdin = ReadPipe(self.reactor, engineIn, self.stdin.write, self._engineStdinEnded)
                 self.stdin.addSource(self._engineStdin)
+        if early is not None:
+            self._resumeEarlyCopy(early, {"stdout": engineOut, "stderr": engineErr})
         self._startAttach(launch)
+
+    def _resumeEarlyCopy(self, early: EarlyCopy, sinks: dict[str, WritePipe | None]) -> None:
+        """
+        Go on from where L{shimd.earlycopy} stopped, before anything more is
+        read: the lines it holds to the log, what the engine's FIFOs have not
+        had to them.
+        """
+        self._log.info("copied {copied} bytes of output while loading; the copier stopped: {why}",
+                       copied=early.copied, why=early.why)
+        if early.error is not None and self.containerLog is not None:
+            self._log.error("Cannot write container log {path}: {error}", path=self.containerLog.path,
+                            error=early.error)
+        for name, left in early.leftovers.items():
+            if left.unlogged and self.containerLog is not None:
+                self.containerLog.write(name, left.unlogged, since=left.since)
+            sink = sinks.get(name)
+            if left.unsent and sink is not None:
+                sink.write(left.unsent)
 
     def _engineWriter(self, fd: int | None) -> WritePipe | None:
         return None if fd is None else WritePipe(self.reactor, fd, self.reactor)

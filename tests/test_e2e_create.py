@@ -10,11 +10,12 @@ import json
 import os
 import re
 import secrets
+import signal
 import struct
 import subprocess
 import time
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.e2e import EngineMixin, parallel, reassemble, readRecords, repeat
 
@@ -211,6 +212,78 @@ class OutputTests(EngineMixin, TestCase):
         expected = "".join(f"{i}\n" for i in range(1, 300001)) + "END\n"
         self.assertEqual(r.stdout.decode(), expected)
         self.assertEqual(reassemble(r.records, "stdout"), expected)
+
+    def test_outputCopiedWhileTheShimLoads(self) -> None:
+        """
+        Output is logged while the shim is still loading Twisted
+        (L{shimd.earlycopy}): a container that writes more than its pipe
+        holds does not wait for the shim.  The shim is held (SIGSTOP) as soon
+        as runc has created the container; its copier is not, and logs all of
+        the output; the shim then goes on from there, and the log has every
+        line once.
+        """
+        lines = 400_000  # 2.6 MB: more than the container's 1 MiB pipe
+        expected = "".join(f"{i}\n" for i in range(1, lines + 1))
+        for attempt in range(3):
+            c = self.engine.prepare(self.bundle, ["seq", "1", str(lines)], stdout=False, stderr=False)
+            try:
+                self.engine.spawnShim(c)
+                assert c.shim is not None
+                deadline = time.monotonic() + 30
+                while not os.path.exists(c.path("pid")):
+                    self.assertLess(time.monotonic(), deadline, "no pid file")
+                    time.sleep(0.001)
+                os.kill(c.shim.pid, signal.SIGSTOP)
+                log = c.path("console.log")
+                try:
+                    time.sleep(0.05)  # a copier asked to stop just before is gone by now
+                    held = self.copierRunning(c.shim.pid)
+                    self.engine.start(c)
+                    while held:
+                        with open(log) as f:
+                            logged = f.read().count("\n")
+                        if logged == lines:
+                            break
+                        if time.monotonic() > deadline:
+                            with open(c.path("shim-log.json")) as f:
+                                self.fail(f"{logged} of {lines} lines logged; shim log: {f.read()}")
+                        time.sleep(0.05)
+                finally:
+                    os.kill(c.shim.pid, signal.SIGCONT)
+                _, _, status = self.engine.collect(c, timeout=60)
+                self.assertEqual(status, 0)
+                self.assertEqual(self.engine.reapShim(c), 0)
+                self.assertEqual(reassemble(readRecords([log]), "stdout"), expected)
+                with open(c.path("shim-log.json")) as f:
+                    shimLog = f.read()
+                # The copier ran (and, held or not, handed over to the shim).
+                self.assertIn(" bytes of output while loading; the copier stopped: ", shimLog)
+                if held:
+                    self.assertIn(f"copied {len(expected)} bytes of output while loading; "
+                                  "the copier stopped: end of file on every pipe", shimLog)
+                    return
+            finally:
+                self.engine.close(c)
+        raise SkipTest("the shim was up before runc had created the container, three times: "
+                       "its copier had nothing to show")
+
+    def copierRunning(self, shimPid: int) -> bool:
+        """Whether the shim has a child that is a copy of itself (its copier), alive."""
+        with open(f"/proc/{shimPid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{shimPid}/task/{shimPid}/children") as f:
+            children = f.read().split()
+        for child in children:
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    if f.read() != cmdline:
+                        continue
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        return True
+            except OSError:
+                continue
+        return False
 
 
 class StdinTests(EngineMixin, TestCase):
