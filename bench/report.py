@@ -309,8 +309,9 @@ def _startupGap(tp: dict[str, dict[str, list[float]]]) -> list[str]:
     pace = "as fast as conmon or faster" if ratio <= 1.0 else f"{ratio - 1:.0%} slower than conmon"
     return [
         f"- Before the first read: the log's first record is stamped {fmt(firstA)} ms after `runc start` "
-        f"under shimd, {fmt(firstB)} ms under conmon (the counted runs). Until shimd has loaded Twisted "
-        "(the imports below), the container fills its 1 MiB pipe and waits.",
+        f"under shimd, {fmt(firstB)} ms under conmon (the counted runs). While shimd loads Twisted "
+        "(the imports below), its copier copies (`shimd/earlycopy.py`: a process of its own, not in this "
+        "profile); without it the container filled its 1 MiB pipe and waited for the imports.",
         f"- Once it reads: from the first record to the last, shimd {fmt(spanA)} s, conmon {fmt(spanB)} s, "
         f"ratio {fmt(ratio)} (middle half {spread(spans) or 'n/a'}): shimd copies {pace}.",
     ]

@@ -86,7 +86,7 @@ class EarlyCopy:
     def stop(self) -> dict[str, Leftover]:
         """
         Stop the copier (at a chunk boundary), wait for it, and return what
-        it holds, by stream name.  Again: the same.
+        it holds, by stream name; called again, return the same.
         """
         if self._control < 0:
             return self.leftovers
@@ -286,7 +286,11 @@ def startEarlyCopy(
             keep.update(fd for fd in (log, attach) if fd is not None)
             _closeAllBut(keep)
             copier = _Copier(sources, log, maxSize, control, attach)
-            report = copier.report(copier.run())
+            try:
+                why = copier.run()
+            except BaseException as e:  # a bug: still hand back what is held
+                why = f"the copier failed: {e!r}"
+            report = copier.report(why)
             view = memoryview(report)
             while view:
                 view = view[os.write(result, view):]
