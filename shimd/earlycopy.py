@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 
 from shimd.records import PARTIAL_MAX, escape, fileLimit, formatTime, lineRecords, streamMid
+from shimd.runtimecmd import MAXFD
 
 __all__ = ["EarlyCopy", "Leftover", "startEarlyCopy"]
 
@@ -133,7 +134,9 @@ class _Stop(Exception):
 class _Copier:
     """The child's side: copy until something says stop (module docstring)."""
 
-    def __init__(self, sources: list[_Source], log: int | None, maxSize: int, control: int, attach: int | None):
+    def __init__(
+        self, sources: list[_Source], log: int | None, maxSize: int, control: int, attach: int | None
+    ) -> None:
         self.sources = sources
         self.log = log
         self.maxSize = fileLimit(maxSize)
@@ -203,7 +206,8 @@ class _Copier:
         records = lineRecords(escape(data[:last]), source.mid + formatTime(ns) + b'"}\n', self.maxSize)
         if self.maxSize and self.size + len(records) > self.maxSize:
             source.held = data
-            source.unsent = chunk
+            if source.sink is not None:
+                source.unsent = chunk
             raise _Stop("the log is due to rotate")
         self._writeLog(records)
         source.held = data[last + 1:]
@@ -271,8 +275,8 @@ def startEarlyCopy(
         fcntl.fcntl(result, fcntl.F_SETPIPE_SZ, 1 << 20)  # the report never waits for the shim
     except OSError:
         pass
-    sources = [_Source(name, fd, sink) for name, fd, sink in (("stdout", stdout, engineOut), ("stderr", stderr, engineErr))
-               if fd is not None]
+    pairs = (("stdout", stdout, engineOut), ("stderr", stderr, engineErr))
+    sources = [_Source(name, fd, sink) for name, fd, sink in pairs if fd is not None]
     try:
         pid = os.fork()
     except OSError:
@@ -308,4 +312,4 @@ def _closeAllBut(keep: set[int]) -> None:
         if fd > low:
             os.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(low, MAXFD)
