@@ -57,6 +57,15 @@ def ptyFds(pid: int) -> list[str]:
     return found
 
 
+def isAlive(pid: int) -> bool:
+    """Whether process C{pid} exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def repeat(default: int) -> int:
     """How many times a repeated field case runs (SHIMD_E2E_SCALE scales it)."""
     scale = float(os.environ.get("SHIMD_E2E_SCALE", "1"))

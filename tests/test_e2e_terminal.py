@@ -25,20 +25,13 @@ from tests.e2e import (
     AttachClient,
     EngineMixin,
     RunningContainerMixin,
+    isAlive,
     parallel,
     ptyFds,
     readRecords,
     reassemble,
     repeat,
 )
-
-
-def isAlive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @dataclass

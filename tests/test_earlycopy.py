@@ -9,12 +9,15 @@ import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from shimd.earlycopy import EarlyCopy, startEarlyCopy
 from shimd.records import PARTIAL_MAX
+from tests.e2e import isAlive
 
 
 class EarlyCopyTests(SynchronousTestCase):
@@ -237,28 +240,23 @@ class EarlyCopyTests(SynchronousTestCase):
         self.assertEqual(os.path.getsize(self.logPath), 0)
 
     def test_shimGone(self) -> None:
-        """The copier ends with the shim, which never stopped it: nothing is left running."""
+        """
+        The copier ends with the shim, which never stopped it (the control
+        pipe's end of file), though the container's pipe is still open.
+        """
         script = (
             "import os, sys\n"
             "from shimd.earlycopy import startEarlyCopy\n"
-            "r, w = os.pipe()\n"
-            "early = startEarlyCopy(r, None, None, None, None, 0, None)\n"
+            f"early = startEarlyCopy({self.outR}, None, None, None, None, 0, None)\n"
             "print(early.pid, flush=True)\n"
             "os._exit(0)\n"
         )
-        import subprocess
-        import sys
-
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True, timeout=30).stdout
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True, timeout=30,
+                             pass_fds=(self.outR,)).stdout
         pid = int(out)
         deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and self.stateOf(pid) != "Z":
+        while isAlive(pid):
             self.assertLess(time.monotonic(), deadline, f"the copier {pid} outlived its shim")
             time.sleep(0.01)
-
-    def stateOf(self, pid: int) -> str:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return "gone"
+        os.write(self.outW, b"still open")  # the write end was open all along
+        self.assertEqual(os.read(self.outR, 100), b"still open")
