@@ -22,8 +22,10 @@ L{Launch} holds every descriptor until L{shimd.service.ShimService}
 adopts it; on a failure everything is closed again and the error raised
 (L{ShimError}, L{shimd.config.ConfigError}, L{RuntimeFailure},
 C{OSError}).  C{isulad-shim} calls L{launchShim} before importing
-Twisted; the service calls it itself when it is not given a launch
-(C{twistd shimd}, an embedding daemon, the tests).
+Twisted, and then L{Launch.copyEarly}: the container's output is copied
+while Twisted loads (L{shimd.earlycopy}), until the service adopts the
+launch.  The service calls L{launchShim} itself when it is not given a
+launch (C{twistd shimd}, an embedding daemon, the tests).
 
 Nothing here imports Twisted.
 """
