@@ -39,14 +39,11 @@ import select
 import time
 from dataclasses import dataclass, field
 
+from shimd.launch import READ_CHUNK
 from shimd.records import PARTIAL_MAX, escape, fileLimit, formatTime, lineRecords, streamMid
 from shimd.runtimecmd import MAXFD
 
 __all__ = ["EarlyCopy", "Leftover", "startEarlyCopy"]
-
-READ_SIZE = 64 * 1024
-"""Bytes read from a pipe at a time (as the service reads)."""
-
 
 @dataclass
 class Leftover:
@@ -73,7 +70,8 @@ class EarlyCopy:
     @ivar pid: the child's pid.
     @ivar copied: bytes read from the container, once stopped.
     @ivar why: why the copier stopped (for the shim log), once stopped.
-    @ivar error: a log write failure the copier met, to be logged.
+    @ivar error: a log write failure the copier met (C{errno}, message),
+        for the service's log to report.
     """
 
     pid: int
@@ -81,7 +79,7 @@ class EarlyCopy:
     _result: int
     copied: int = 0
     why: str = ""
-    error: str | None = None
+    error: tuple[int, str] | None = None
     leftovers: dict[str, Leftover] = field(default_factory=dict)
 
     def stop(self) -> dict[str, Leftover]:
@@ -144,7 +142,7 @@ class _Copier:
         self.control = control
         self.attach = attach
         self.copied = 0
-        self.error: str | None = None
+        self.error: tuple[int, str] | None = None
         self.poller = select.poll()
         self.readers: dict[int, _Source] = {}
         self.writers: dict[int, _Source] = {}
@@ -175,7 +173,7 @@ class _Copier:
             return str(stop)
 
     def _copy(self, source: _Source) -> None:
-        chunk = os.read(source.fd, READ_SIZE)
+        chunk = os.read(source.fd, READ_CHUNK)
         if not chunk:  # the service reads it again: end of file stays
             self.poller.unregister(source.fd)
             del self.readers[source.fd]
@@ -222,7 +220,7 @@ class _Copier:
                 self.size += n
                 view = view[n:]
         except OSError as e:
-            self.error = str(e)  # the records are dropped, as the service's log does
+            self.error = (e.errno or 0, e.strerror or str(e))  # the records are dropped, as the log does
 
     def _send(self, source: _Source) -> None:
         """

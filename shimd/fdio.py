@@ -31,9 +31,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.python.failure import Failure
 
-
-READ_CHUNK = 64 * 1024
-"""Bytes read per C{read()}: large chunks keep the per-byte cost low."""
+from shimd.launch import READ_CHUNK
 
 READ_BURST = 8
 """Reads per wake-up at most (L{ReadPipe.doRead})."""

@@ -39,9 +39,12 @@ import os
 from dataclasses import dataclass
 
 from shimd.config import ProcessState, loadProcessState
-from shimd.earlycopy import EarlyCopy, startEarlyCopy
 from shimd.runtimecmd import RuntimeCommand, RuntimeFailure, RuntimeProcess
 from shimd.sockets import UnixSocket, listenPrivate, listenUnix, removeStaleSocket
+
+TYPE_CHECKING = False  # not typing's: this runs before runc starts
+if TYPE_CHECKING:
+    from shimd.earlycopy import EarlyCopy
 
 __all__ = ["ShimConfig", "ShimError", "Launch", "launchShim", "runtimeName", "runtimeRoot", "RuntimeFailure",
            "listenAttach", "openFifo", "setChildSubreaper",
@@ -49,6 +52,10 @@ __all__ = ["ShimConfig", "ShimError", "Launch", "launchShim", "runtimeName", "ru
 
 PIPE_SIZE = 1 << 20
 """Bytes the container's stdout and stderr pipes hold (F_SETPIPE_SZ)."""
+
+READ_CHUNK = 64 * 1024
+"""Bytes read from a pipe per C{read()} (the service's L{shimd.fdio.ReadPipe}
+and L{shimd.earlycopy}): large chunks keep the per-byte cost low."""
 
 ATTACH_BACKLOG = 16
 """Connections the attach socket queues (isulad-shim: 16)."""
@@ -253,6 +260,8 @@ class Launch:
             return
         if self.log is None and self.engineOut is None and self.engineErr is None:
             return
+        from shimd.earlycopy import startEarlyCopy  # it imports this module's constants
+
         try:
             self.early = startEarlyCopy(
                 self.stdout, self.stderr, self.engineOut, self.engineErr, self.log, state.log_maxsize,

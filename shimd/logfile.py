@@ -290,11 +290,18 @@ class JsonFileLog:
                 self._size += n
                 view = view[n:]
         except OSError as e:
-            self._failed("Cannot write container log {path}: {error}", e)
+            self.writeFailed(e)
         else:
             if self._failing:
                 self._failing = False
                 self.log.info("Writing container log {path} again", path=self.path)
+
+    def writeFailed(self, error: OSError) -> None:
+        """
+        A write of records failed (here, or in L{shimd.earlycopy}): log it,
+        once for a run of failures; the next write that succeeds says so.
+        """
+        self._failed("Cannot write container log {path}: {error}", error)
 
     def _failed(self, fmt: str, error: OSError) -> None:
         """

@@ -238,8 +238,7 @@ class ShimService(service.MultiService):
         self._log.info("copied {copied} bytes of output while loading; the copier stopped: {why}",
                        copied=early.copied, why=early.why)
         if early.error is not None and self.containerLog is not None:
-            self._log.error("Cannot write container log {path}: {error}", path=self.containerLog.path,
-                            error=early.error)
+            self.containerLog.writeFailed(OSError(*early.error))
         for name, left in early.leftovers.items():
             if left.unlogged and self.containerLog is not None:
                 self.containerLog.write(name, left.unlogged, since=left.since)

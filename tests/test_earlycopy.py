@@ -5,6 +5,7 @@ FIFO and a log file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -168,6 +169,24 @@ class EarlyCopyTests(SynchronousTestCase):
         self.assertEqual(early.why, "the engine's stdout FIFO: Broken pipe")
         self.assertEqual(left["stdout"].unsent, b"lost reader\n")
         self.assertEqual([r["log"] for r in self.records()], ["lost reader\n"])
+
+    def test_logCannotBeWritten(self) -> None:
+        """
+        A failed log write stops the copier with the error for the service's
+        log to report; the records are dropped (as the log drops them), the
+        FIFO still gets the bytes.
+        """
+        self.log = os.open(self.logPath, os.O_RDONLY)  # every write fails: EBADF
+        self.addCleanup(os.close, self.log)
+        early = self.start()
+        os.write(self.outW, b"nowhere\n")
+        self.waitStopped(early)
+        left = early.stop()
+        self.assertEqual(early.why, "the log cannot be written")
+        self.assertEqual(early.error, (errno.EBADF, os.strerror(errno.EBADF)))
+        self.assertEqual(left["stdout"].unlogged + left["stdout"].unsent, b"")
+        self.assertEqual(self.drainEngine(), b"nowhere\n")
+        self.assertEqual(os.path.getsize(self.logPath), 0)
 
     def test_attachClientWaiting(self) -> None:
         """
