@@ -414,7 +414,8 @@ class WritePipe(OwnedDescriptor):
         return written
 
     def doRead(self) -> object:
-        # Only the read hack lands here: the reader went away.
+        # Only the read hack lands here: the reader went away.  (The epoll
+        # reactor ends the descriptor itself instead: see connectionLost.)
         return main.CONNECTION_LOST
 
     def _lose(self, why: BaseException) -> None:
@@ -433,6 +434,10 @@ class WritePipe(OwnedDescriptor):
             self.connectionLost(Failure(main.CONNECTION_LOST))
 
     def connectionLost(self, reason: Failure) -> None:
+        if reason.check(ConnectionDone) and not self.disconnecting:
+            # Not our loseConnection: the reactor takes the read hack's
+            # EPOLLERR (all readers gone) for a clean end of a reader.
+            reason = Failure(main.CONNECTION_LOST)
         self.dataBuffer = b""
         self._tempDataBuffer = []
         self._tempDataLen = 0

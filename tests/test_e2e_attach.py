@@ -334,6 +334,7 @@ class RobustnessTests(AttachMixin, TestCase):
         v.readUntil(b"ping\n")
         ended = [r["msg"] for r in self.attachLog(c) if r["msg"].startswith("attach session 1 ended")]
         self.assertEqual(len(ended), 1, self.attachLog(c))
+        self.assertIn("reader is gone", ended[0])
         stat = f"/proc/{c.shim.pid}/stat"  # type: ignore[union-attr]
         time.sleep(0.2)
         before = _cpu(stat)

@@ -361,3 +361,64 @@ class TeeTests(SynchronousTestCase):
         os.write(self.srcW, b"t")
         self.assertEqual(writer.teeFrom(self.src, 100), 0)
         self.assertEqual(os.read(self.src, 100), b"t")
+
+
+class ReaderGoneTests(SynchronousTestCase):
+    """
+    A L{WritePipe} whose reader is gone: the kernel reports C{EPOLLERR},
+    which Twisted's epoll reactor passes on as a clean end
+    (L{ConnectionDone}) for a descriptor it watches for reading (the read
+    hack).  L{WritePipe} reports it as L{ConnectionLost}: only its own
+    C{loseConnection} ends it cleanly.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.epollreactor import EPollReactor
+
+        self.reactor = EPollReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.addCleanup(self.reactor.waker.connectionLost, None)
+        self.addCleanup(self.reactor.removeAll)
+        self.r, w = os.pipe2(os.O_CLOEXEC)
+        self.lost: list[Failure] = []
+        self.writer = WritePipe(self.reactor, w, self.reactor, lost=self.lost.append)
+        self.addCleanup(self.writer.abort)
+
+    def closeReader(self) -> None:
+        if self.r >= 0:
+            os.close(self.r)
+            self.r = -1
+
+    def turn(self) -> None:
+        """One turn of the real reactor, without waiting."""
+        self.reactor.doIteration(0)
+
+    def test_readerGoneIsLost(self) -> None:
+        self.addCleanup(self.closeReader)
+        self.turn()
+        self.assertEqual(self.lost, [])
+        self.closeReader()
+        self.turn()
+        self.assertEqual(len(self.lost), 1)
+        self.assertTrue(self.lost[0].check(ConnectionLost), self.lost[0])
+        self.assertEqual(self.writer.fd, -1)
+
+    def test_loseConnectionIsDone(self) -> None:
+        self.addCleanup(self.closeReader)
+        self.writer.write(b"last")
+        self.writer.loseConnection()
+        self.turn()
+        self.assertEqual(len(self.lost), 1)
+        self.assertTrue(self.lost[0].check(ConnectionDone), self.lost[0])
+        self.assertEqual(os.read(self.r, 10), b"last")
+
+    def test_readerGoneWhileClosing(self) -> None:
+        """Gone while we flush to close: it ends once, however the reactor hears of it."""
+        fcntl.fcntl(self.writer.fd, fcntl.F_SETPIPE_SZ, 4096)
+        self.writer.write(b"q" * 5000)
+        self.writer.loseConnection()
+        self.closeReader()
+        for _ in range(3):
+            self.turn()
+        self.assertEqual(len(self.lost), 1)
+        self.assertEqual(self.writer.fd, -1)
