@@ -21,6 +21,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -398,6 +399,7 @@ def runAttach(
 ) -> int:
     """
     C{shimd attach}: 0 on detach; the container's exit code when it exits;
+    128+N when signal N interrupts it (the container runs on);
     L{EXIT_FAILED} when attaching fails.
     """
     workdir = os.path.abspath(workdir)
@@ -446,14 +448,26 @@ def runAttach(
     def start() -> None:
         attach(reactor, workdir, stdin=attachStdin, detachKeys=detachKeys).addCallbacks(attached, failed)
 
+    def stopping() -> None:
+        # With no end yet, a signal (SIGINT, SIGTERM) stops the reactor.  Its
+        # shutdown then closes the session's FIFOs, which must not pass for
+        # the end of the container's output.
+        outcome.setdefault("end", None)
+
     with local:
         reactor.callWhenRunning(start)
+        reactor.addSystemEventTrigger("before", "shutdown", stopping)
         reactor.run()
     if "error" in outcome:
         return fail(f"cannot attach: {outcome['error']}")
     end = outcome.get("end")
     if end is None:
-        return 130  # interrupted (SIGINT/SIGTERM stopped the reactor)
+        # Leave the container running, as shimd run does when interrupted.
+        # (_exitSignal: the signal that stopped the reactor; twistd reads it too.)
+        signum = getattr(reactor, "_exitSignal", None) or signal.SIGINT
+        sys.stderr.write(f"\nshimd: the container keeps running: shimd attach {workdir}\n")
+        sys.stderr.flush()
+        return 128 + signum
     if end == "detached":
         return 0
     if end != "ended":

@@ -404,6 +404,29 @@ class CommandTests(AttachMixin, TestCase):
         self.assertTrue(self.running(c))
         self.assertEqual(os.listdir(c.path("attach")), [])
 
+    def interrupt(self, signum: int) -> None:
+        """SIGINT or SIGTERM: shimd attach leaves, the container runs on and keeps its output."""
+        c = self.container(["cat"], openStdin=True)
+        p = self.shimdAttach(c)
+        self.waitForSession(c)
+        p.send_signal(signum)
+        self.assertEqual(p.wait(20), 128 + signum)
+        self.assertIn(f"the container keeps running: shimd attach {c.workdir}".encode(), p.stderr.read())  # type: ignore[union-attr]
+        self.assertTrue(self.running(c))
+        ended = [r["msg"] for r in self.attachLog(c) if r["msg"].startswith("attach session 1 ended")]
+        self.assertEqual(len(ended), 1, self.attachLog(c))
+        self.assertNotIn("output ended", ended[0])
+        v = self.client(c)
+        self.assertEqual(v.attach(), 0)
+        v.write(b"still here\n")
+        v.readUntil(b"still here\n")
+
+    def test_sigterm(self) -> None:
+        self.interrupt(signal.SIGTERM)
+
+    def test_sigint(self) -> None:
+        self.interrupt(signal.SIGINT)
+
     def test_exitCode(self) -> None:
         """The container exits: shimd attach exits with its code; its stdin EOF did not end cat's input."""
         c = self.container(["sh", "-c", 'read l; echo "got $l"; echo oops >&2; exit 3'], openStdin=True)
