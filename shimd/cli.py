@@ -198,7 +198,7 @@ def _run(opts: argparse.Namespace) -> int:
         _silenceStdout()
         engine.runtimeCall(c, "kill", c.id, "KILL")
         _drain(engine, c)
-        engine.close(c, remove=not opts.keep)
+        _close(engine, c, opts.keep)
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:
         terminal.close()
@@ -208,8 +208,15 @@ def _run(opts: argparse.Namespace) -> int:
         sys.stderr.write(f"\nshimd: the container keeps running; its workdir is {c.workdir}\n")
         return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
     terminal.close()
-    engine.close(c, remove=not opts.keep)
+    _close(engine, c, opts.keep)
     return status
+
+
+def _close(engine: Any, c: Any, keep: bool) -> None:
+    """The container has ended: remove its workdir, or say where it is kept."""
+    engine.close(c, remove=not keep)
+    if keep:
+        sys.stderr.write(f"shimd: the workdir is kept: {c.workdir}\n")
 
 
 def _silenceStdout() -> None:

@@ -363,6 +363,23 @@ class CommandTests(EngineMixin, TestCase):
             capture_output=True, timeout=60, cwd="/",
         )
         self.assertEqual((p.stdout, p.returncode), (b"hi\n", 3), p.stderr)
+        self.assertEqual(os.listdir(os.path.join(self.stateRoot, "runc")), [])
+
+    def test_shimdRunKeep(self) -> None:
+        """--keep: the ended container's workdir stays, with its log and exit code, and is named."""
+        from tests.e2e import BIN
+
+        p = subprocess.run(
+            [os.path.join(BIN, "shimd"), "run", "--keep", "--state-root", self.stateRoot, "--",
+             "sh", "-c", "echo kept; exit 4"],
+            capture_output=True, timeout=60, cwd="/",
+        )
+        self.assertEqual((p.stdout, p.returncode), (b"kept\n", 4), p.stderr)
+        (workdir,) = [os.path.join(self.stateRoot, "runc", n) for n in os.listdir(os.path.join(self.stateRoot, "runc"))]
+        self.assertEqual(p.stderr.decode(), f"shimd: the workdir is kept: {workdir}\n")
+        with open(os.path.join(workdir, "exit")) as f:
+            self.assertEqual(f.read(), "4")
+        self.assertEqual([r["log"] for r in readRecords([os.path.join(workdir, "console.log")])], ["kept\n"])
 
     def test_shimdRunBadInput(self) -> None:
         """Bad input: one clear line, exit 125, no workdir left behind."""
