@@ -213,14 +213,12 @@ class _Copier:
 
     def _writeLog(self, records: bytes) -> None:
         assert self.log is not None
-        view = memoryview(records)
         try:
-            while view:
-                n = os.write(self.log, view)
-                self.size += n
-                view = view[n:]
+            _writeAll(self.log, records)
         except OSError as e:
             self.error = (e.errno or 0, e.strerror or str(e))  # the records are dropped, as the log does
+            return  # and the copier stops (_copy): the size no longer counts
+        self.size += len(records)
 
     def _send(self, source: _Source) -> None:
         """
@@ -292,16 +290,20 @@ def startEarlyCopy(
                 why = copier.run()
             except BaseException as e:  # a bug: still hand back what is held
                 why = f"the copier failed: {e!r}"
-            report = copier.report(why)
-            view = memoryview(report)
-            while view:
-                view = view[os.write(result, view):]
+            _writeAll(result, copier.report(why))
             code = 0
         finally:
             os._exit(code)
     os.close(control)
     os.close(result)
     return EarlyCopy(pid, controlW, resultR)
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    """Write all of C{data} to blocking C{fd} (the log, the result pipe)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _closeAllBut(keep: set[int]) -> None:
